@@ -1,0 +1,1 @@
+"""Recipes, plans and the pipeline that runs them."""

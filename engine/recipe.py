@@ -1,0 +1,149 @@
+"""Command line: ``python -m engine.recipe NAME [options]`` runs an experiment recipe.
+
+NAME is a recipe shipped in ``recipes/`` or the path of a recipe TOML file. The run
+directory keeps every trained network, so the same command run again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from engine.data.datasets import DATA_DIR_ENV, load_dataset, resolve_data_dir
+from engine.data.splits import REGIMES
+from engine.devices import resolve_device
+from engine.errors import UsageError
+from engine.experiments.jobs import DataContext
+from engine.experiments.plan import build_plan
+from engine.experiments.recipes import list_recipes, load_recipe
+from engine.experiments.runner import run_plan
+from engine.results.report import write_report
+from engine.results.store import RunStore, atomic_write_text
+from engine.training.config import TrainConfig
+
+log = logging.getLogger("engine")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a positive whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive; give a whole number >= 1")
+    return value
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing; give comma-separated names")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    recipes = ", ".join(list_recipes()) or "(none found)"
+    parser = _Parser(
+        prog="python -m engine.recipe",
+        description="Train the networks of a learnability experiment and print its table.",
+        epilog=f"recipes: {recipes}. A path to a recipe .toml file works too.",
+    )
+    parser.add_argument("recipe", help="recipe name or path of a recipe .toml file")
+    grid = parser.add_argument_group("grid (narrow the recipe)")
+    grid.add_argument("--n1", type=_name_list, help="comma-separated N1 models, e.g. shallow_cnn_w16,shallow_cnn_w32")
+    grid.add_argument("--n2", type=_name_list, help="comma-separated N2 models (default: the recipe's)")
+    grid.add_argument("--regimes", type=_name_list, help=f"comma-separated data regimes ({', '.join(REGIMES)})")
+    grid.add_argument("--seeds", type=_positive_int, help="number of seeds, run as seeds 0..N-1 (study: 5)")
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument("--max-epochs", type=_positive_int, default=500, help="epoch cap per training (study: 500)")
+    protocol.add_argument(
+        "--subset", type=_positive_int,
+        help="images per split: a seeded class-balanced subset of N images of each of D1, D2, D3 (default: full splits)",
+    )
+    protocol.add_argument(
+        "--exact-train-error", action="store_true",
+        help="measure each epoch's training error with an evaluation pass (default: count the epoch's forward passes)",
+    )
+    run = parser.add_argument_group("execution")
+    run.add_argument("--data-dir", help=f"dataset folder (default: ${DATA_DIR_ENV}, else a per-user cache folder)")
+    run.add_argument("--out", help="run directory (default: runs/RECIPE)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _narrow_recipe(args: argparse.Namespace):
+    # Recipe validates the narrowed fields again (models, regimes, seeds).
+    return load_recipe(args.recipe).narrowed(n1=args.n1, n2=args.n2, regimes=args.regimes, seeds=args.seeds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # NOTE: a run stopped at the cap divides its lr by 4 every 10 epochs, down to ~1e-27
+    # after 450 epochs; lr * grad then yields denormal floats, which slowed a CPU step
+    # 4x in a 500-epoch run on 100 images. Flushing them changes no weight: they are
+    # far below the rounding step of any weight they would be added to.
+    torch.set_flush_denormal(True)
+    try:
+        recipe = _narrow_recipe(args)
+        train = TrainConfig(max_epochs=args.max_epochs, exact_train_error=args.exact_train_error)
+        device = resolve_device(args.device)
+        data_dir = resolve_data_dir(args.data_dir)
+        load_dataset(recipe.dataset, data_dir)  # fail on missing data before anything trains
+        plan = build_plan(recipe, train, args.subset)
+        data = DataContext(recipe.dataset, str(data_dir))
+        data.split(0, args.subset)  # a subset too large for the data fails here
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path("runs") / recipe.name
+    store = RunStore(out)
+    execution = {"device": str(device), "threads": torch.get_num_threads()}
+    atomic_write_text(out / "run.json", json.dumps({
+        "recipe": recipe.name,
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "train": train.to_dict(),
+        "subset": args.subset,
+        "execution": execution,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }, indent=1))
+    done = sum(store.has(job.key) for job in plan.jobs)
+    log.info(
+        "%s: %d N1 + %d N2 networks (%d already trained) in %s",
+        recipe.name, len(plan.n1_jobs), len(plan.n2_jobs), done, out,
+    )
+    try:
+        report = run_plan(plan, store, data, device, progress=not args.quiet)
+    except KeyboardInterrupt:
+        saved = sum(store.has(job.key) for job in plan.jobs)
+        print(f"\ninterrupted: {saved} networks are saved in {out}; run the same command to resume", file=sys.stderr)
+        return 130
+    _, table = write_report(plan, store, execution)
+    print(table)
+    log.info(
+        "trained %d, reused %d, failed %d, blocked %d in %.0f s; wrote %s and %s",
+        len(report.trained), len(report.reused), len(report.failed), len(report.blocked),
+        report.wall_time_s, out / "summary.csv", out / "table.md",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
