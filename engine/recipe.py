@@ -7,6 +7,7 @@ directory keeps every trained network, so the same command run again resumes.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import logging
 import platform
@@ -23,7 +24,8 @@ from engine.errors import UsageError
 from engine.experiments.jobs import DataContext
 from engine.experiments.plan import build_plan
 from engine.experiments.recipes import list_recipes, load_recipe
-from engine.experiments.runner import run_plan
+from engine.experiments.runner import InProcessExecutor, run_plan
+from engine.fused.trainer import FusedOptions
 from engine.results.report import write_report
 from engine.results.store import RunStore, atomic_write_text
 from engine.training.config import TrainConfig
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--regimes", type=_name_list, help=f"comma-separated data regimes ({', '.join(REGIMES)})")
     grid.add_argument("--seeds", type=_positive_int, help="number of seeds, run as seeds 0..N-1 (study: 5)")
     protocol = parser.add_argument_group("protocol")
-    protocol.add_argument("--max-epochs", type=_positive_int, default=500, help="epoch cap per training (study: 500)")
+    protocol.add_argument("--max-epochs", type=_positive_int, help="epoch cap per training (default and study: 500)")
     protocol.add_argument(
         "--subset", type=_positive_int,
         help="images per split: a seeded class-balanced subset of N images of each of D1, D2, D3 (default: full splits)",
@@ -83,12 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/RECIPE)")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    fuse = parser.add_argument_group("fused training (shallow CNN and MLP families)")
+    fuse.add_argument(
+        "--group-size", type=_positive_int,
+        help="networks trained together in one fused step (default: the fastest measured on this device)",
+    )
+    fuse.add_argument("--no-fuse", action="store_true", help="train one network at a time (group size 1)")
+    fuse.add_argument(
+        "--share-batches", action="store_true",
+        help="all members of a group see the same batch order: faster, but correlates their runs",
+    )
     return parser
 
 
 def _narrow_recipe(args: argparse.Namespace):
     # Recipe validates the narrowed fields again (models, regimes, seeds).
     return load_recipe(args.recipe).narrowed(n1=args.n1, n2=args.n2, regimes=args.regimes, seeds=args.seeds)
+
+
+def _describe_trainers(plan, store: RunStore) -> str:
+    """Count the plan's stored networks per trainer, e.g. ``fused G=4 x 6, single x 2``."""
+    counts = Counter(store.record(job.key).get("trainer", "single") for job in plan.jobs if store.has(job.key))
+    return ", ".join(f"{trainer} x {n}" for trainer, n in sorted(counts.items())) or "none yet"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,19 +119,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     try:
         recipe = _narrow_recipe(args)
-        train = TrainConfig(max_epochs=args.max_epochs, exact_train_error=args.exact_train_error)
+        overrides = {"max_epochs": args.max_epochs, "exact_train_error": args.exact_train_error or None}
+        train = TrainConfig.from_dict({**recipe.train, **{k: v for k, v in overrides.items() if v is not None}})
         device = resolve_device(args.device)
         data_dir = resolve_data_dir(args.data_dir)
         load_dataset(recipe.dataset, data_dir)  # fail on missing data before anything trains
         plan = build_plan(recipe, train, args.subset)
         data = DataContext(recipe.dataset, str(data_dir))
         data.split(0, args.subset)  # a subset too large for the data fails here
+        if args.no_fuse and args.group_size not in (None, 1):
+            raise UsageError(f"--no-fuse contradicts --group-size {args.group_size}; give only one of them")
+        options = FusedOptions(group_size=1 if args.no_fuse else args.group_size, share_batches=args.share_batches)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     store = RunStore(out)
     execution = {"device": str(device), "threads": torch.get_num_threads()}
+    if args.share_batches:
+        execution["shared batch order"] = "on (members of a fused group see the same batches, so their runs are correlated)"
+    executor = InProcessExecutor(data, device, options)
     atomic_write_text(out / "run.json", json.dumps({
         "recipe": recipe.name,
         "argv": list(argv if argv is not None else sys.argv[1:]),
@@ -130,11 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe.name, len(plan.n1_jobs), len(plan.n2_jobs), done, out,
     )
     try:
-        report = run_plan(plan, store, data, device, progress=not args.quiet)
+        report = run_plan(plan, store, executor, progress=not args.quiet)
     except KeyboardInterrupt:
         saved = sum(store.has(job.key) for job in plan.jobs)
         print(f"\ninterrupted: {saved} networks are saved in {out}; run the same command to resume", file=sys.stderr)
         return 130
+    atomic_write_text(out / "execution.json", json.dumps(executor.describe(), indent=1))
+    execution["trainers"] = _describe_trainers(plan, store)
     _, table = write_report(plan, store, execution)
     print(table)
     log.info(

@@ -92,7 +92,7 @@ def test_table_header_states_protocol(table1_run):
 
 def test_rerun_trains_nothing(table1_run, data_dir, monkeypatch):
     calls = []
-    monkeypatch.setattr(runner, "run_job", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(runner, "run_jobs", lambda jobs, *a, **k: calls.extend(jobs) or iter(()))
     before = {k: RunStore(table1_run).record(k)["finished_at"] for k in RunStore(table1_run).keys()}
     assert run_cli(SMALL + ["--regimes", "true_data,random_labels"], data_dir, table1_run) == 0
     assert calls == []
@@ -112,25 +112,26 @@ def test_shared_n1_trained_once(data_dir, tmp_path):
     assert len({c.n1_key for c in plan.cells}) == 2
 
 
-def test_interrupt_then_resume(data_dir, tmp_path, monkeypatch):
-    real = runner.run_job
-    trained = []
+@pytest.mark.parametrize("fuse", [["--no-fuse"], ["--group-size", "3"]])
+def test_interrupt_then_resume(data_dir, tmp_path, monkeypatch, fuse):
+    real = RunStore.save
+    saved = []
 
-    def interrupt_after_two(job, *args, **kwargs):
-        if len(trained) == 2:
+    def interrupt_after_two(self, key, *args, **kwargs):
+        if len(saved) == 2:
             raise KeyboardInterrupt
-        trained.append(job.key)
-        return real(job, *args, **kwargs)
+        saved.append(key)
+        return real(self, key, *args, **kwargs)
 
-    args = SMALL + ["--regimes", "true_data,random_labels,random_images", "--max-epochs", "5"]
-    monkeypatch.setattr(runner, "run_job", interrupt_after_two)
+    args = SMALL + fuse + ["--regimes", "true_data,random_labels,random_images", "--max-epochs", "5"]
+    monkeypatch.setattr(RunStore, "save", interrupt_after_two)
     assert run_cli(args, data_dir, tmp_path) == 130
-    assert sorted(RunStore(tmp_path).keys()) == sorted(trained)
+    assert sorted(RunStore(tmp_path).keys()) == sorted(saved)
 
     resumed = []
-    monkeypatch.setattr(runner, "run_job", lambda job, *a, **k: resumed.append(job.key) or real(job, *a, **k))
+    monkeypatch.setattr(RunStore, "save", lambda self, key, *a, **k: resumed.append(key) or real(self, key, *a, **k))
     assert run_cli(args, data_dir, tmp_path) == 0
-    assert not set(resumed) & set(trained)
+    assert not set(resumed) & set(saved)
     assert len(resumed) == 4
     assert len(list(RunStore(tmp_path).keys())) == 6
 

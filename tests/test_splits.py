@@ -84,3 +84,9 @@ def test_unknown_regime_rejected(cifar):
     split = make_split(cifar, 0, subset=100)
     with pytest.raises(UsageError, match="unknown regime 'noise'; choose from true_data"):
         n1_training_set(cifar, split, "noise")
+
+
+def test_d3_subset_same_for_every_seed(cifar):
+    a, b = make_split(cifar, 0, subset=100), make_split(cifar, 4, subset=100)
+    np.testing.assert_array_equal(a.d3, b.d3)
+    assert not np.array_equal(a.d1, b.d1)

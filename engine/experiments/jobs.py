@@ -98,9 +98,30 @@ def predictions_of(model: torch.nn.Module, job: NetworkJob, data: DataContext, d
 def run_job(
     job: NetworkJob, data: DataContext, device: torch.device, parent_d2: np.ndarray | None = None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Train one network alone and return its record and predictions."""
+    """Train one network alone and return its record and predictions.
+
+    For each of ``job.checkpoints`` the predictions at the end of that epoch are
+    kept too, as ``d2@E`` and ``d3@E``. A network that stopped before epoch E is
+    frozen from then on, so its checkpoint E holds the final predictions.
+    """
     images, labels = data.training_set(job, parent_d2)
     model = build_model(job, data)
-    outcome = train_network(model, images, labels, job.train, job.order_seed, device)
-    predictions = predictions_of(model, job, data, device) if outcome.status == "ok" else {}
-    return make_record(job, outcome, device, "single"), predictions
+    checkpoints: dict[str, np.ndarray] = {}
+
+    def keep_checkpoint(epoch: int, error: float, network: torch.nn.Module) -> None:
+        if epoch in job.checkpoints:
+            for name, values in predictions_of(network, job, data, device).items():
+                if not name.endswith("_labels"):
+                    checkpoints[f"{name}@{epoch}"] = values
+            network.train()
+
+    on_epoch = keep_checkpoint if job.checkpoints else None
+    outcome = train_network(model, images, labels, job.train, job.order_seed, device, on_epoch=on_epoch)
+    if outcome.status != "ok":
+        return make_record(job, outcome, device, "single"), {}
+    predictions = predictions_of(model, job, data, device)
+    for epoch in job.checkpoints:
+        if epoch > outcome.epochs:
+            checkpoints[f"d2@{epoch}"] = predictions["d2"]
+            checkpoints[f"d3@{epoch}"] = predictions["d3"]
+    return make_record(job, outcome, device, "single"), predictions | checkpoints

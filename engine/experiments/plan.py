@@ -31,9 +31,16 @@ class NetworkJob:
     regime: str  # for N2, the regime of its parent N1
     train: TrainConfig
     parent: str | None = None  # key of the parent N1 (N2 jobs only)
+    checkpoints: tuple[int, ...] = ()  # N1 epochs whose predictions are kept
+    parent_epoch: int | None = None  # N2 learns the parent's checkpoint of this epoch
 
     def config(self) -> dict[str, Any]:
-        return {
+        extra: dict[str, Any] = {}
+        if self.checkpoints:
+            extra["checkpoints"] = list(self.checkpoints)
+        if self.parent_epoch is not None:
+            extra["parent_epoch"] = self.parent_epoch
+        return extra | {
             "role": self.role,
             "model": self.model,
             "dataset": self.dataset,
@@ -57,8 +64,15 @@ class NetworkJob:
     def order_seed(self) -> int:
         return derive_seed(self.seed, "order", self.key)
 
+    @property
+    def parent_d2_name(self) -> str:
+        """Name of the parent's stored D2 predictions that this N2 learns."""
+        return "d2" if self.parent_epoch is None else f"d2@{self.parent_epoch}"
+
     def describe(self) -> str:
         parent = f" <- N1 {self.parent[:8]}" if self.parent else ""
+        if self.parent_epoch is not None:
+            parent += f" @ epoch {self.parent_epoch}"
         return f"{self.role.upper()} {self.model} {self.regime} seed {self.seed} bs {self.train.batch_size}{parent}"
 
 
@@ -72,7 +86,8 @@ class Cell:
     n1_batch_size: int
     seed: int
     n1_key: str
-    n2_key: str
+    n2_key: str | None  # None where the recipe trains no N2
+    epoch: int | None = None  # the N1 checkpoint N2 learned, for learning curves
 
 
 @dataclass
@@ -106,12 +121,19 @@ def build_plan(recipe: Recipe, train: TrainConfig, subset: int | None) -> Plan:
             for batch_size in recipe.n1_batch_sizes:
                 n1_train = TrainConfig.from_dict({**train.to_dict(), "batch_size": batch_size})
                 for n1 in recipe.n1:
-                    n1_job = NetworkJob("n1", n1, recipe.dataset, seed, subset, regime, n1_train)
+                    n1_job = NetworkJob(
+                        "n1", n1, recipe.dataset, seed, subset, regime, n1_train, checkpoints=recipe.checkpoints
+                    )
                     n1_jobs.setdefault(n1_job.key, n1_job)
+                    if not recipe.train_n2:
+                        cells.append(Cell(n1, "", regime, batch_size, seed, n1_job.key, None))
                     for n2 in recipe.n2_for(n1):
-                        n2_job = NetworkJob(
-                            "n2", n2, recipe.dataset, seed, subset, regime, n2_train, parent=n1_job.key
-                        )
-                        n2_jobs.setdefault(n2_job.key, n2_job)
-                        cells.append(Cell(n1, n2, regime, batch_size, seed, n1_job.key, n2_job.key))
+                        # A learning curve adds one N2 per checkpoint to the N2 of the final N1.
+                        for epoch in recipe.checkpoints + (None,):
+                            n2_job = NetworkJob(
+                                "n2", n2, recipe.dataset, seed, subset, regime, n2_train,
+                                parent=n1_job.key, parent_epoch=epoch,
+                            )
+                            n2_jobs.setdefault(n2_job.key, n2_job)
+                            cells.append(Cell(n1, n2, regime, batch_size, seed, n1_job.key, n2_job.key, epoch))
     return Plan(recipe, subset, train, list(n1_jobs.values()), list(n2_jobs.values()), cells)

@@ -27,8 +27,49 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 RECIPES_ENV = "ENGINE_RECIPES_DIR"
-LAYOUT_KEYS = ("n1", "n2", "regime", "n1_batch_size", "metric")
-METRICS = ("learnability", "test_accuracy")
+# Fields a table can be indexed by; the last ones are parsed from a statistic's key
+# ("class=3", "tlp=0,plp=1", "i=0,j=4", "distinct=2", "epoch=5").
+LAYOUT_KEYS = ("n1", "n2", "regime", "n1_batch_size", "metric", "key", "class", "tlp", "plp", "i", "j",
+               "distinct", "epoch")
+METRICS = (
+    "learnability",  # % of D3 where N2 predicts N1's class
+    "test_accuracy",  # % of D3 where N1 predicts the true class
+    "class_share_d2",  # % of N1's predictions on D2 per class
+    "tlp_plp_percent",  # % of D3 per (N1 correct, N2 agrees with N1)
+    "seed_agreement",  # fraction of D3 where N1 of seeds i and j agree
+    "distinct_predictions",  # % of D3 where the N1 of all seeds make m distinct predictions
+    "test_error",  # % of D3 that N1 (or an N1 checkpoint) gets wrong
+)
+N2_METRICS = ("learnability", "tlp_plp_percent")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table of a report: a metric laid out by rows (one or more fields) and columns."""
+
+    metric: str = "learnability"
+    rows: tuple[str, ...] = ("n1",)
+    columns: str = "regime"
+    with_accuracy: bool = False  # add N1's true-data test accuracy as a last column
+
+    @classmethod
+    def from_dict(cls, recipe: str, values: dict[str, Any]) -> "TableSpec":
+        unknown = set(values) - {"metric", "rows", "columns", "with_accuracy"}
+        if unknown:
+            raise UsageError(f"recipe {recipe}: unknown table field {sorted(unknown)[0]!r}")
+        rows = values.get("rows", ["n1"])
+        spec = cls(
+            metric=values.get("metric", "learnability"),
+            rows=tuple([rows] if isinstance(rows, str) else rows),
+            columns=values.get("columns", "regime"),
+            with_accuracy=bool(values.get("with_accuracy", False)),
+        )
+        if spec.metric not in METRICS:
+            raise UsageError(f"recipe {recipe}: unknown table metric {spec.metric!r}; choose from {', '.join(METRICS)}")
+        for name in spec.rows + (spec.columns,):
+            if name not in LAYOUT_KEYS:
+                raise UsageError(f"recipe {recipe}: table field {name!r}; choose from {', '.join(LAYOUT_KEYS)}")
+        return spec
 
 
 def recipes_dir() -> Path:
@@ -47,9 +88,9 @@ def list_recipes() -> list[str]:
 class Recipe:
     """One experiment: the grid to train and how to lay out its table.
 
-    ``n2`` empty means "N2 has N1's architecture". ``rows`` and ``columns`` name the
-    fields that index the table of learnability values (``metric`` puts each metric
-    in its own column).
+    ``n2`` empty means "N2 has N1's architecture"; ``train_n2`` False trains no N2
+    (statistics of N1 alone). ``checkpoints`` lists N1 epochs whose predictions are
+    kept and labelled for an N2 each (learning curves). ``tables`` lay the metrics out.
     """
 
     name: str
@@ -60,9 +101,10 @@ class Recipe:
     regimes: tuple[str, ...] = ("true_data",)
     n1_batch_sizes: tuple[int, ...] = (64,)
     seeds: int = 5
-    metrics: tuple[str, ...] = METRICS
-    rows: str = "n1"
-    columns: str = "regime"
+    metrics: tuple[str, ...] = ("learnability", "test_accuracy")
+    tables: tuple[TableSpec, ...] = (TableSpec(with_accuracy=True),)
+    train_n2: bool = True
+    checkpoints: tuple[int, ...] = ()
     paper_table: str = ""
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -83,11 +125,17 @@ class Recipe:
         for metric in self.metrics:
             if metric not in METRICS:
                 raise UsageError(f"recipe {self.name}: unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-        for name, value in (("rows", self.rows), ("columns", self.columns)):
-            if value not in LAYOUT_KEYS:
-                raise UsageError(f"recipe {self.name}: {name}={value!r}; choose from {', '.join(LAYOUT_KEYS)}")
+            if metric in N2_METRICS and not self.train_n2:
+                raise UsageError(f"recipe {self.name}: metric {metric!r} needs N2, but n2 is \"none\"")
+        for epoch in self.checkpoints:
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+                raise UsageError(f"recipe {self.name}: checkpoint epoch {epoch!r} must be a positive integer")
+        if "seed_agreement" in self.metrics and self.seeds < 2:
+            raise UsageError(f"recipe {self.name}: seed agreement needs at least 2 seeds, got {self.seeds}")
 
     def n2_for(self, n1: str) -> tuple[str, ...]:
+        if not self.train_n2:
+            return ()
         return self.n2 if self.n2 else (n1,)
 
     def narrowed(self, **changes: Any) -> "Recipe":
@@ -114,8 +162,8 @@ _FIELDS = {
     "n1_batch_sizes": list,
     "seeds": int,
     "metrics": list,
-    "rows": str,
-    "columns": str,
+    "tables": list,
+    "checkpoints": list,
     "paper_table": str,
     "train": dict,
 }
@@ -153,11 +201,14 @@ def load_recipe(name_or_path: str) -> Recipe:
         if key not in data:
             raise UsageError(f"recipe {name}: required field {key!r} is missing")
     n2 = data.pop("n2", "same")
-    if isinstance(n2, str) and n2 != "same":
-        raise UsageError(f"recipe {name}: n2 must be a list of models or \"same\", got {n2!r}")
+    if isinstance(n2, str) and n2 not in ("same", "none"):
+        raise UsageError(f"recipe {name}: n2 must be a list of models, \"same\" or \"none\", got {n2!r}")
+    tables = tuple(TableSpec.from_dict(name, t) for t in data.pop("tables", [{"with_accuracy": True}]))
     return Recipe(
         name=name,
-        n2=() if n2 == "same" else tuple(n2),
+        n2=tuple(n2) if isinstance(n2, list) else (),
+        train_n2=n2 != "none",
+        tables=tables,
         paper_table=data.pop("paper_table", name),
         **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()},
     )

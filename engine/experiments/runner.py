@@ -1,4 +1,10 @@
-"""Run a plan: train every job not yet in the store, N1 before the N2 that need it."""
+"""Run a plan: train every job not yet in the store, N1 before the N2 that need it.
+
+An executor trains a list of jobs and yields ``(job, record, predictions)`` as each
+network finishes; the runner saves each result at once, so a killed run loses at
+most the trainings in progress. The in-process executor trains on one device,
+fusing networks of one architecture where that was measured to pay.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,57 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Protocol
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from engine.experiments.jobs import DataContext, run_job
 from engine.experiments.plan import NetworkJob, Plan
+from engine.fused.strategy import GroupChoice
+from engine.fused.trainer import FusedOptions, run_jobs
 from engine.results.store import RunStore
 
 log = logging.getLogger(__name__)
+
+JobResult = tuple[NetworkJob, dict[str, Any], dict[str, np.ndarray]]
+
+
+class Executor(Protocol):
+    """Trains jobs and yields each result as soon as its network has finished."""
+
+    def run(self, jobs: list[NetworkJob], parent_d2: Mapping[str, np.ndarray]) -> Iterator[JobResult]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class InProcessExecutor:
+    """Train on one device in this process, in fused groups where they pay."""
+
+    def __init__(self, data: DataContext, device: torch.device, options: FusedOptions | None = None) -> None:
+        self.data = data
+        self.device = device
+        self.options = options or FusedOptions()
+        self.choices: list[GroupChoice] = []
+
+    def run(self, jobs: list[NetworkJob], parent_d2: Mapping[str, np.ndarray]) -> Iterator[JobResult]:
+        # Checkpointed N1 (learning curves) keep per-epoch predictions, which only the
+        # one-network trainer records.
+        for job in jobs:
+            if job.checkpoints:
+                record, predictions = run_job(job, self.data, self.device, parent_d2.get(job.key))
+                yield job, record, predictions
+        rest = [job for job in jobs if not job.checkpoints]
+        yield from run_jobs(rest, self.data, self.device, parent_d2, self.options, self.choices.append)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "executor": "in-process",
+            "device": str(self.device),
+            "fused": self.options.to_dict(),
+            "group_choices": [choice.to_dict() for choice in self.choices],
+        }
 
 
 @dataclass
@@ -32,44 +80,54 @@ def _format_job_line(job: NetworkJob, record: dict) -> str:
     status = record["stop_reason"] if record["status"] == "ok" else f"FAILED ({record['failure']})"
     return (
         f"{job.describe():<58} epochs {record['epochs']:>3}  "
-        f"train error {record['final_train_error']:.3f}  {status}  {record['wall_time_s']:.1f}s"
+        f"train error {record['final_train_error']:.3f}  {status}  {record['wall_time_s']:.1f}s  "
+        f"[{record.get('trainer', 'single')}]"
     )
+
+
+def _parents_ready(jobs: Iterable[NetworkJob], store: RunStore, report: RunReport) -> tuple[list[NetworkJob], dict]:
+    """Keep the N2 jobs whose N1 finished ok, with that N1's predictions on D2."""
+    ready, parent_d2 = [], {}
+    for job in jobs:
+        if store.has(job.parent) and store.record(job.parent)["status"] == "ok":
+            parent_d2[job.key] = store.predictions(job.parent)[job.parent_d2_name]
+            ready.append(job)
+        else:
+            report.blocked.append(job.key)
+    return ready, parent_d2
 
 
 def run_plan(
     plan: Plan,
     store: RunStore,
-    data: DataContext,
-    device: torch.device,
+    executor: Executor,
     progress: bool = True,
 ) -> RunReport:
-    """Train the plan's missing jobs one by one, saving each as soon as it finishes.
+    """Train the plan's missing jobs, saving each network as soon as it finishes.
 
     Jobs already in the store are skipped, so rerunning a killed command resumes
     it. An N2 whose N1 failed is not trained and is listed as blocked.
     """
     report = RunReport()
     started = time.perf_counter()
-    pending = [job for job in plan.jobs if not store.has(job.key)]
     report.reused = [job.key for job in plan.jobs if store.has(job.key)]
     if report.reused:
         log.info("reusing %d trained networks from %s", len(report.reused), store.root)
+    pending = [job for job in plan.jobs if not store.has(job.key)]
     bar = tqdm(total=len(pending), desc=plan.recipe.name, unit="net", disable=not progress, file=sys.stderr)
-    for job in pending:
-        parent_d2 = None
-        if job.parent is not None:
-            parent = store.record(job.parent) if store.has(job.parent) else None
-            if parent is None or parent["status"] != "ok":
-                report.blocked.append(job.key)
-                bar.update(1)
-                continue
-            parent_d2 = store.predictions(job.parent)["d2"]
-        bar.set_postfix_str(job.describe(), refresh=True)
-        record, predictions = run_job(job, data, device, parent_d2)
-        store.save(job.key, record, predictions)
-        (report.failed if record["status"] != "ok" else report.trained).append(job.key)
-        bar.write(_format_job_line(job, record)) if progress else log.info(_format_job_line(job, record))
-        bar.update(1)
+
+    def save_all(results: Iterator[JobResult]) -> None:
+        for job, record, predictions in results:
+            store.save(job.key, record, predictions)
+            (report.failed if record["status"] != "ok" else report.trained).append(job.key)
+            line = _format_job_line(job, record)
+            bar.write(line) if progress else log.info(line)
+            bar.update(1)
+
+    save_all(executor.run([job for job in pending if job.role == "n1"], {}))
+    n2_ready, parent_d2 = _parents_ready((job for job in pending if job.role == "n2"), store, report)
+    bar.update(len(report.blocked))
+    save_all(executor.run(n2_ready, parent_d2))
     bar.close()
     report.wall_time_s = time.perf_counter() - started
     return report

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from engine.experiments.plan import Plan
+from engine.experiments.recipes import TableSpec
 from engine.results.summary import CellStats
 
 DATASET_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST"}
@@ -66,21 +67,70 @@ def protocol_lines(plan: Plan, execution: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_table(plan: Plan, rows: list[CellStats], execution: dict[str, Any]) -> str:
-    """Render the learnability table in the study's layout, with test accuracy beside it."""
-    recipe = plan.recipe
-    row_key, col_key = recipe.rows, recipe.columns
-    learn = [r for r in rows if r.metric == "learnability"]
-    acc = {getattr(r, row_key): r for r in rows if r.metric == "test_accuracy" and r.regime == "true_data"}
-    row_values = list(dict.fromkeys(getattr(r, row_key) for r in rows if r.metric != "param_count"))
-    col_values = ["learnability"] if col_key == "metric" else list(dict.fromkeys(getattr(r, col_key) for r in learn))
-    lookup = {(getattr(r, row_key), "learnability" if col_key == "metric" else getattr(r, col_key)): r for r in learn}
-    show_acc = bool(acc) and col_key != "n1_batch_size"
-    header = [row_key] + [str(c) if col_key != "metric" else "learnability" for c in col_values]
-    if col_key == "n2":
-        header[1:] = [f"N2 {c}" for c in col_values]
-    if show_acc:
+def field_value(row: CellStats, name: str) -> str:
+    """Return a row's value of a layout field; ``class``, ``i``, ``epoch``... come from its key."""
+    if hasattr(row, name) and name != "key":
+        return str(getattr(row, name))
+    if name == "key":
+        return row.key
+    parts = dict(part.split("=", 1) for part in row.key.split(",") if "=" in part)
+    return parts.get(name, "")
+
+
+def _sort_key(value: str):
+    return (0, int(value), "") if value.lstrip("-").isdigit() else (1, 0, value)
+
+
+def render_grid(spec: TableSpec, rows: list[CellStats], seeds: int) -> list[str]:
+    """Render one metric as a Markdown grid: ``spec.rows`` down, ``spec.columns`` across."""
+    chosen = [r for r in rows if r.metric == spec.metric]
+    if not chosen:
+        return [f"(no {spec.metric} values)"]
+
+    def row_id(r: CellStats) -> tuple[str, ...]:
+        return tuple(field_value(r, name) for name in spec.rows)
+
+    row_ids = list(dict.fromkeys(row_id(r) for r in chosen))
+    if any(name in ("class", "i", "j", "distinct", "epoch", "tlp", "plp") for name in spec.rows):
+        row_ids.sort(key=lambda ids: [_sort_key(v) for v in ids])
+    col_ids = list(dict.fromkeys(field_value(r, spec.columns) for r in chosen))
+    if spec.columns in ("class", "i", "j", "distinct", "epoch", "n1_batch_size"):
+        col_ids.sort(key=_sort_key)
+    lookup = {(row_id(r), field_value(r, spec.columns)): r for r in chosen}
+    accuracy = {}
+    if spec.with_accuracy:
+        accuracy = {
+            field_value(r, "n1"): r for r in rows if r.metric == "test_accuracy" and r.regime == "true_data"
+        }
+    prefix = "N2 " if spec.columns == "n2" else f"{spec.columns}=" if spec.columns in ("class", "j", "distinct", "epoch") else ""
+    header = list(spec.rows) + [f"{prefix}{c}" for c in col_ids]
+    if accuracy:
         header.append("N1 test accuracy")
+    # Statistics across seeds are one value per group of seeds, not one per seed.
+    runs = 1 if spec.metric in ("seed_agreement", "distinct_predictions") else seeds
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for ids in row_ids:
+        cells = list(ids) + [format_cell(lookup.get((ids, c)), runs) for c in col_ids]
+        if accuracy:
+            cells.append(format_cell(accuracy.get(ids[spec.rows.index("n1")] if "n1" in spec.rows else ""), seeds))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+METRIC_TITLES = {
+    "learnability": "Learnability (% of D3 where N2 predicts N1's class)",
+    "test_accuracy": "N1 test accuracy (%)",
+    "class_share_d2": "Class shares of N1's predictions on D2 (%)",
+    "tlp_plp_percent": "D3 by TLP = [N1 correct] and PLP = [N2 agrees with N1] (% of D3)",
+    "seed_agreement": "Agreement on D3 between the N1 of seeds i and j (fraction)",
+    "distinct_predictions": "Images of D3 by the number of distinct predictions of the seeds' N1 (%)",
+    "test_error": "N1 test error (%)",
+}
+
+
+def render_table(plan: Plan, rows: list[CellStats], execution: dict[str, Any]) -> str:
+    """Render the recipe's tables in the study's layout, headed by the protocol used."""
+    recipe = plan.recipe
     capped_any = any(r.runs and r.capped for r in rows)
     lines = [
         f"# {recipe.name}: {recipe.title}",
@@ -95,10 +145,7 @@ def render_table(plan: Plan, rows: list[CellStats], execution: dict[str, Any]) -
     ]
     if capped_any:
         lines += ["", f"WARNING: cells marked {CAP_MARK} contain runs cut off by the epoch cap."]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for value in row_values:
-        cells = [str(value)] + [format_cell(lookup.get((value, c)), recipe.seeds) for c in col_values]
-        if show_acc:
-            cells.append(format_cell(acc.get(value), recipe.seeds))
-        lines.append("| " + " | ".join(cells) + " |")
+    for spec in recipe.tables:
+        lines += ["", f"## {METRIC_TITLES[spec.metric]}", ""]
+        lines += render_grid(spec, rows, recipe.seeds)
     return "\n".join(lines) + "\n"
