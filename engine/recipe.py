@@ -113,9 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # NOTE: a run stopped at the cap divides its lr by 4 every 10 epochs, down to ~1e-27
-    # after 450 epochs; lr * grad then yields denormal floats, which slowed a CPU step
-    # 4x in a 500-epoch run on 100 images. Flushing them changes no weight: they are
-    # far below the rounding step of any weight they would be added to.
+    # after 450 epochs. lr * grad then yields denormal floats, which slowed a CPU step
+    # 4x in a 500-epoch run on 100 images. Flushing them changes no weight, because they
+    # are far below the rounding step of any weight they would be added to.
     torch.set_flush_denormal(True)
     try:
         recipe = _narrow_recipe(args)
@@ -141,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     executor = InProcessExecutor(data, device, options)
     atomic_write_text(out / "run.json", json.dumps({
         "recipe": recipe.name,
+        "recipe_fields": recipe.to_dict(),
         "argv": list(argv if argv is not None else sys.argv[1:]),
         "train": train.to_dict(),
         "subset": args.subset,

@@ -159,3 +159,27 @@ def test_kill_midway_then_resume(data_dir, tmp_path):
     assert len(final) == 4
     assert all(final[k] == v for k, v in first.items())
     assert "reused 0" not in done.stderr
+
+
+def test_diverging_runs_recorded_and_grid_goes_on(data_dir, tmp_path):
+    recipe = tmp_path / "diverge.toml"
+    recipe.write_text(
+        'title = "lr far too large"\ndataset = "cifar10"\n'
+        'n1 = ["shallow_cnn_w16", "mlp_d1_h64"]\nn2 = "same"\nregimes = ["true_data"]\nseeds = 1\n'
+        "[train]\nlr = 1e6\n"
+    )
+    out = tmp_path / "run"
+    args = [str(recipe), "--subset", "100", "--max-epochs", "20", "--quiet", "--no-fuse",
+            "--data-dir", str(data_dir), "--out", str(out)]
+    assert cli.main(args) == 0
+    store = RunStore(out)
+    records = [store.record(k) for k in store.keys()]
+    assert len(records) == 2  # both N1 were tried; their N2 are blocked
+    for record in records:
+        assert record["status"] == "failed"
+        assert record["stop_reason"] == "diverged"
+        assert "non-finite loss" in record["failure"]
+    rows = read_summary(out)
+    assert {r["failed"] for r in rows} == {"1"}
+    assert {r["runs"] for r in rows} == {"0"}
+    assert "missing (0/1 runs, 1 failed)" in (out / "table.md").read_text()

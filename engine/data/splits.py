@@ -3,7 +3,7 @@
 D1 and D2 are the two halves of the train set under a permutation drawn per seed;
 D3 is the test set. With ``subset=N``, each of D1, D2 and D3 keeps a class-balanced
 draw of N images (N // classes per class, the remainder spread over the first
-classes of a seeded order); the draw from D3 is the same for every seed.
+classes of a seeded order). The draw from D3 is the same for every seed.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def make_split(dataset: Dataset, seed: int, subset: int | None = None) -> Split:
         classes = dataset.num_classes
         d1 = _balanced(d1, train_y, subset, classes, rng, "D1")
         d2 = _balanced(d2, train_y, subset, classes, rng, "D2")
-        # D3 is the test set itself in the protocol, the same for every seed; its subset is
+        # D3 is the test set itself in the protocol, the same for every seed. Its subset is
         # therefore drawn once, independently of the seed, so that networks of different
-        # seeds are compared on the same images (seed agreement needs that).
+        # seeds are compared on the same images, as seed agreement needs.
         fixed = np.random.default_rng(derive_seed(0, "d3-subset"))
         d3 = np.sort(_balanced(fixed.permutation(d3), test_y, subset, classes, fixed, "D3"))
     return Split(seed=seed, d1=d1.astype(np.int64), d2=d2.astype(np.int64), d3=d3.astype(np.int64))

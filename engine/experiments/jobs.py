@@ -102,7 +102,7 @@ def run_job(
 
     For each of ``job.checkpoints`` the predictions at the end of that epoch are
     kept too, as ``d2@E`` and ``d3@E``. A network that stopped before epoch E is
-    frozen from then on, so its checkpoint E holds the final predictions.
+    frozen from then on, so its checkpoint E contains the final predictions.
     """
     images, labels = data.training_set(job, parent_d2)
     model = build_model(job, data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,20 @@ class Recipe:
         if not self.train_n2:
             return ()
         return self.n2 if self.n2 else (n1,)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return every field as JSON-ready values, for saving with a run."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Recipe":
+        """Rebuild a recipe saved by :meth:`to_dict`."""
+        fields = dict(values)
+        fields["tables"] = tuple(TableSpec(**{**t, "rows": tuple(t["rows"])}) for t in fields.get("tables", ()))
+        for name in ("n1", "n2", "regimes", "n1_batch_sizes", "metrics", "checkpoints"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        return cls(**fields)
 
     def narrowed(self, **changes: Any) -> "Recipe":
         """Return a copy with the given fields replaced (``None`` values are ignored)."""

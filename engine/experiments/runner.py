@@ -1,7 +1,7 @@
 """Run a plan: train every job not yet in the store, N1 before the N2 that need it.
 
 An executor trains a list of jobs and yields ``(job, record, predictions)`` as each
-network finishes; the runner saves each result at once, so a killed run loses at
+network finishes. The runner saves each result at once, so a killed run loses at
 most the trainings in progress. The in-process executor trains on one device,
 fusing networks of one architecture where that was measured to pay.
 """
@@ -67,7 +67,7 @@ class InProcessExecutor:
 
 @dataclass
 class RunReport:
-    """What one invocation did: jobs trained, reused from the store, failed or blocked."""
+    """Summary of one invocation: jobs trained, reused from the store, failed or blocked."""
 
     trained: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)

@@ -102,7 +102,11 @@ def render_grid(spec: TableSpec, rows: list[CellStats], seeds: int) -> list[str]
         accuracy = {
             field_value(r, "n1"): r for r in rows if r.metric == "test_accuracy" and r.regime == "true_data"
         }
-    prefix = "N2 " if spec.columns == "n2" else f"{spec.columns}=" if spec.columns in ("class", "j", "distinct", "epoch") else ""
+    prefix = ""
+    if spec.columns == "n2":
+        prefix = "N2 "
+    elif spec.columns in ("class", "j", "distinct", "epoch"):
+        prefix = f"{spec.columns}="
     header = list(spec.rows) + [f"{prefix}{c}" for c in col_ids]
     if accuracy:
         header.append("N1 test accuracy")
