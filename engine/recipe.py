@@ -7,7 +7,6 @@ directory keeps every trained network, so the same command run again resumes.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
 import logging
 import platform
@@ -26,7 +25,7 @@ from engine.experiments.plan import build_plan
 from engine.experiments.recipes import list_recipes, load_recipe
 from engine.experiments.runner import InProcessExecutor, run_plan
 from engine.fused.trainer import FusedOptions
-from engine.results.report import write_report
+from engine.results.report import describe_trainers, write_report
 from engine.results.store import RunStore, atomic_write_text
 from engine.training.config import TrainConfig
 
@@ -103,12 +102,6 @@ def _narrow_recipe(args: argparse.Namespace):
     return load_recipe(args.recipe).narrowed(n1=args.n1, n2=args.n2, regimes=args.regimes, seeds=args.seeds)
 
 
-def _describe_trainers(plan, store: RunStore) -> str:
-    """Count the plan's stored networks per trainer, e.g. ``fused G=4 x 6, single x 2``."""
-    counts = Counter(store.record(job.key).get("trainer", "single") for job in plan.jobs if store.has(job.key))
-    return ", ".join(f"{trainer} x {n}" for trainer, n in sorted(counts.items())) or "none yet"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -162,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted: {saved} networks are saved in {out}; run the same command to resume", file=sys.stderr)
         return 130
     atomic_write_text(out / "execution.json", json.dumps(executor.describe(), indent=1))
-    execution["trainers"] = _describe_trainers(plan, store)
+    execution["trainers"] = describe_trainers(plan, store)
     _, table = write_report(plan, store, execution)
     print(table)
     log.info(

@@ -126,3 +126,15 @@ def test_learning_curve_checkpoints(data_dir, tmp_path):
     errors = {r["key"]: float(r["mean"]) for r in rows if r["metric"] == "test_error"}
     accuracy = 100 * np.mean(predictions["d3@2"] == predictions["d3_labels"])
     assert errors["epoch=2"] == pytest.approx(100 - accuracy, abs=0.005)
+
+
+def test_grid_over_two_regimes_splits_tables(data_dir, tmp_path):
+    args = ["table10", *TINY, "--n1", "shallow_cnn_w16", "--n2", "shallow_cnn_w16",
+            "--regimes", "true_data,random_labels", "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "### regime true_data" in table
+    assert "### regime random_labels" in table
+    rows = {r["regime"]: r["mean"] for r in read_summary(tmp_path) if r["metric"] == "learnability"}
+    for regime, mean in rows.items():
+        assert f"| shallow_cnn_w16 | {mean}" in table.split(f"### regime {regime}")[1]

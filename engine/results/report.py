@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,12 @@ def write_report(plan: Plan, store: RunStore, execution: dict[str, Any]) -> tupl
     table = render_table(plan, rows, execution)
     store.write_text("table.md", table)
     return rows, table
+
+
+def describe_trainers(plan: Plan, store: RunStore) -> str:
+    """Count the plan's stored networks per trainer, e.g. ``fused G=4 x 6, single x 2``."""
+    counts = Counter(store.record(job.key).get("trainer", "single") for job in plan.jobs if store.has(job.key))
+    return ", ".join(f"{trainer} x {n}" for trainer, n in sorted(counts.items())) or "none yet"
 
 
 def report_paths(store: RunStore) -> tuple[Path, Path]:

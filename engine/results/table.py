@@ -81,11 +81,33 @@ def _sort_key(value: str):
     return (0, int(value), "") if value.lstrip("-").isdigit() else (1, 0, value)
 
 
+SPLIT_FIELDS = ("regime", "n1_batch_size")
+
+
 def render_grid(spec: TableSpec, rows: list[CellStats], seeds: int) -> list[str]:
-    """Render one metric as a Markdown grid: ``spec.rows`` down, ``spec.columns`` across."""
+    """Render one metric as Markdown grids: ``spec.rows`` down, ``spec.columns`` across.
+
+    Rows that differ in a field outside the layout (two regimes in an N1 x N2 grid,
+    say) get one grid each, headed by that field's value, so no cell hides another.
+    """
     chosen = [r for r in rows if r.metric == spec.metric]
     if not chosen:
         return [f"(no {spec.metric} values)"]
+    layout = set(spec.rows) | {spec.columns}
+    outside = [name for name in SPLIT_FIELDS if name not in layout]
+    groups: dict[tuple, list[CellStats]] = {}
+    for r in chosen:
+        groups.setdefault(tuple(field_value(r, name) for name in outside), []).append(r)
+    if len(groups) == 1:
+        return _render_one_grid(spec, chosen, rows, seeds)
+    lines: list[str] = []
+    for values, members in groups.items():
+        label = ", ".join(f"{name} {value}" for name, value in zip(outside, values) if value)
+        lines += [f"### {label}", ""] + _render_one_grid(spec, members, rows, seeds) + [""]
+    return lines[:-1]
+
+
+def _render_one_grid(spec: TableSpec, chosen: list[CellStats], rows: list[CellStats], seeds: int) -> list[str]:
 
     def row_id(r: CellStats) -> tuple[str, ...]:
         return tuple(field_value(r, name) for name in spec.rows)
@@ -99,8 +121,11 @@ def render_grid(spec: TableSpec, rows: list[CellStats], seeds: int) -> list[str]
     lookup = {(row_id(r), field_value(r, spec.columns)): r for r in chosen}
     accuracy = {}
     if spec.with_accuracy:
+        batch_sizes = {r.n1_batch_size for r in chosen}
         accuracy = {
-            field_value(r, "n1"): r for r in rows if r.metric == "test_accuracy" and r.regime == "true_data"
+            field_value(r, "n1"): r
+            for r in rows
+            if r.metric == "test_accuracy" and r.regime == "true_data" and r.n1_batch_size in batch_sizes
         }
     prefix = ""
     if spec.columns == "n2":
