@@ -23,10 +23,18 @@ from engine.errors import UsageError
 from engine.experiments.jobs import DataContext
 from engine.experiments.plan import build_plan
 from engine.experiments.recipes import list_recipes, load_recipe
-from engine.experiments.runner import InProcessExecutor, run_plan
+from engine.experiments.runner import run_plan
 from engine.fused.trainer import FusedOptions
 from engine.results.report import describe_trainers, write_report
 from engine.results.store import RunStore, atomic_write_text
+from engine.scheduling import (
+    WorkerLostError,
+    add_scale_out_arguments,
+    close_executor,
+    execution_summary,
+    make_executor,
+    validate_scale_out,
+)
 from engine.training.config import TrainConfig
 
 log = logging.getLogger("engine")
@@ -84,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/RECIPE)")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_scale_out_arguments(parser)
     fuse = parser.add_argument_group("fused training (shallow CNN and MLP families)")
     fuse.add_argument(
         "--group-size", type=_positive_int,
@@ -112,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     try:
         recipe = _narrow_recipe(args)
+        validate_scale_out(args)
         overrides = {"max_epochs": args.max_epochs, "exact_train_error": args.exact_train_error or None}
         train = TrainConfig.from_dict({**recipe.train, **{k: v for k, v in overrides.items() if v is not None}})
         device = resolve_device(args.device)
@@ -123,15 +133,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_fuse and args.group_size not in (None, 1):
             raise UsageError(f"--no-fuse contradicts --group-size {args.group_size}; give only one of them")
         options = FusedOptions(group_size=1 if args.no_fuse else args.group_size, share_batches=args.share_batches)
+        # Starts Ray for --workers, --gpus or --cluster, after every other check passed.
+        executor = make_executor(
+            str(data_dir), recipe.dataset, device, options, args.workers, args.gpus, args.cluster
+        )
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     store = RunStore(out)
-    execution = {"device": str(device), "threads": torch.get_num_threads()}
+    execution = execution_summary(executor, device)
     if args.share_batches:
         execution["shared batch order"] = "on (members of a fused group see the same batches, so their runs are correlated)"
-    executor = InProcessExecutor(data, device, options)
     atomic_write_text(out / "run.json", json.dumps({
         "recipe": recipe.name,
         "recipe_fields": recipe.to_dict(),
@@ -154,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = sum(store.has(job.key) for job in plan.jobs)
         print(f"\ninterrupted: {saved} networks are saved in {out}; run the same command to resume", file=sys.stderr)
         return 130
+    except WorkerLostError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        close_executor(executor)
     atomic_write_text(out / "execution.json", json.dumps(executor.describe(), indent=1))
     execution["trainers"] = describe_trainers(plan, store)
     _, table = write_report(plan, store, execution)

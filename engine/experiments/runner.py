@@ -8,6 +8,7 @@ fusing networks of one architecture where that was measured to pay.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -117,12 +118,18 @@ def run_plan(
     bar = tqdm(total=len(pending), desc=plan.recipe.name, unit="net", disable=not progress, file=sys.stderr)
 
     def save_all(results: Iterator[JobResult]) -> None:
-        for job, record, predictions in results:
-            store.save(job.key, record, predictions)
-            (report.failed if record["status"] != "ok" else report.trained).append(job.key)
-            line = _format_job_line(job, record)
-            bar.write(line) if progress else log.info(line)
-            bar.update(1)
+        # closing() stops the executor's work at once (for Ray: cancels its tasks) when
+        # a save fails or the run is interrupted, instead of at garbage collection.
+        with contextlib.closing(results):
+            for job, record, predictions in results:
+                _save(job, record, predictions)
+
+    def _save(job: NetworkJob, record: dict, predictions: dict) -> None:
+        store.save(job.key, record, predictions)
+        (report.failed if record["status"] != "ok" else report.trained).append(job.key)
+        line = _format_job_line(job, record)
+        bar.write(line) if progress else log.info(line)
+        bar.update(1)
 
     save_all(executor.run([job for job in pending if job.role == "n1"], {}))
     n2_ready, parent_d2 = _parents_ready((job for job in pending if job.role == "n2"), store, report)
