@@ -50,7 +50,9 @@ def protocol_lines(plan: Plan, execution: dict[str, Any]) -> list[str]:
             f"|D1| = |D2| = |D3| = {plan.subset:,} (seeded class-balanced subsets; the study uses "
             f"{full[0]:,} / {full[1]:,} / {full[2]:,})"
         )
-    seeds = f"{recipe.seeds} seeds (0-{recipe.seeds - 1})" + ("" if recipe.seeds == 5 else "; the study uses 5")
+    seeds = f"{recipe.seeds} seed{'s' if recipe.seeds > 1 else ''} (0-{recipe.seeds - 1})"
+    if recipe.seeds != 5:
+        seeds += "; the study uses 5"
     cap = f"epoch cap {train.max_epochs}" + ("" if train.max_epochs == 500 else " (the study uses 500)")
     error = "an evaluation pass after each epoch" if train.exact_train_error else "the forward passes of each epoch"
     lines = [
