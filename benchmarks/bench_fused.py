@@ -12,8 +12,9 @@ on the device, and reports images/s summed over the G networks:
 - ``fused_independent``: one fused module, every member with its own batch;
 - ``fused_shared``: one fused module, all members on the same batch (dense first layer).
 
-Throughput is computed from the fastest round, the one least disturbed by other
-processes; a table of it and of the speedups over one-by-one is printed at the end.
+Throughput is computed from the fastest round, because that round is the one least
+disturbed by other processes. A table of it and of the speedups over one-by-one is
+printed at the end.
 
 The device is ``$BENCH_DEVICE`` if set, else CUDA when available, else the CPU.
 ``$BENCH_THREADS`` sets the number of CPU threads (default: PyTorch's). Timed rounds
@@ -76,12 +77,13 @@ def summary_table(request: pytest.FixtureRequest):
     yield
     if not _RESULTS:
         return
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    write = reporter.write_line if reporter is not None else print
     where = f"{torch.get_num_threads()} CPU threads" if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
-    write("")
-    write(f"fused training throughput, images/s summed over G networks (fastest round); {DEVICE}, {where}")
-    write(f"{'width':>5} {'G':>3} {'one by one':>12} {'fused indep':>12} {'fused shared':>12} {'x indep':>8} {'x shared':>8}")
+    lines = [
+        "",
+        f"fused training throughput, images/s summed over G networks (fastest round); {DEVICE}, {where}",
+        f"{'width':>5} {'G':>3} {'one by one':>12} {'fused indep':>12} {'fused shared':>12}"
+        f" {'x indep':>8} {'x shared':>8}",
+    ]
     for width in WIDTHS:
         for group_size in GROUP_SIZES:
             row = [_RESULTS.get((width, group_size, mode)) for mode in MODES]
@@ -89,7 +91,11 @@ def summary_table(request: pytest.FixtureRequest):
                 continue
             cells = " ".join(f"{v:12.0f}" if v is not None else f"{'-':>12}" for v in row)
             ratios = " ".join(f"{v / row[0]:8.2f}" if v is not None else f"{'-':>8}" for v in row[1:])
-            write(f"{width:>5} {group_size:>3} {cells} {ratios}")
+            lines.append(f"{width:>5} {group_size:>3} {cells} {ratios}")
+    # Output capture would swallow the table at module teardown, so it is switched off.
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n".join(lines))
 
 
 @pytest.mark.benchmark

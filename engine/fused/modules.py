@@ -31,8 +31,8 @@ class FusedModule(nn.Module):
     spec: InputSpec
     # Run convolutions in channels_last layout. On a 2-core AVX-512 CPU (PyTorch 2.13,
     # oneDNN 3.12) the forward and backward of a grouped 5x5 convolution ran about 3x
-    # faster in channels_last than in NCHW. On CUDA the default stays NCHW, because
-    # cuDNN's channels_last weight gradients of grouped convolutions are not always fast.
+    # faster in channels_last than in NCHW. On CUDA it stays NCHW, PyTorch's default,
+    # because neither layout has been measured there.
     channels_last: bool = False
 
     def member(self, g: int) -> nn.Module:
@@ -140,7 +140,8 @@ class FusedShallowCNN(FusedModule):
     def _conv_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.conv_weight.flatten(0, 1)
         if self.channels_last:
-            return x.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+            weight = weight.contiguous(memory_format=torch.channels_last)
         return x, weight
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,10 +261,11 @@ class FusedMLP(FusedModule):
                 f"got {type(module).__name__}"
             )
         linears = self._linears(module)
-        if linears[0].in_features != self.weights[0].shape[1] or linears[-1].out_features != self.weights[-1].shape[2]:
+        inputs, classes = self.weights[0].shape[1], self.weights[-1].shape[2]
+        if linears[0].in_features != inputs or linears[-1].out_features != classes:
             raise ValueError(
                 f"member {g} maps {linears[0].in_features} inputs to {linears[-1].out_features} classes, "
-                f"expected {self.weights[0].shape[1]} to {self.weights[-1].shape[2]} for input {self.spec}"
+                f"expected {inputs} to {classes} for input {self.spec}"
             )
         with torch.no_grad():
             for linear, weight, bias in zip(linears, self.weights, self.biases):

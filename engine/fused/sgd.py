@@ -21,6 +21,13 @@ def _per_member(values: Sequence[float] | torch.Tensor, device: torch.device) ->
     return torch.as_tensor(values, dtype=torch.float32).to(device)
 
 
+def _nonzero_per_member(values: Sequence[float] | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Return ``values`` as a ``[G]`` tensor, or None when every value is 0 (no work to do)."""
+    if values is None or not any(float(v) for v in values):
+        return None
+    return _per_member(values, device)
+
+
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """View ``values`` ``[G]`` as ``[G, 1, ..., 1]`` to broadcast against ``like`` ``[G, ...]``."""
     return values.view((-1,) + (1,) * (like.dim() - 1))
@@ -62,10 +69,8 @@ class FusedSGD:
             if p.shape[0] != group_size:
                 raise ValueError(f"parameter of shape {tuple(p.shape)} does not have {group_size} members in dim 0")
         self.lr = _per_member(lr, device)
-        self.momentum = None if momentum is None or not any(float(m) for m in momentum) else _per_member(momentum, device)
-        self.weight_decay = (
-            None if weight_decay is None or not any(float(w) for w in weight_decay) else _per_member(weight_decay, device)
-        )
+        self.momentum = _nonzero_per_member(momentum, device)
+        self.weight_decay = _nonzero_per_member(weight_decay, device)
         for name, values in (("lr", self.lr), ("momentum", self.momentum), ("weight_decay", self.weight_decay)):
             if values is not None and values.shape != (group_size,):
                 raise ValueError(f"{name} has shape {tuple(values.shape)}, expected ({group_size},)")

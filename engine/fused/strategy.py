@@ -366,7 +366,7 @@ def choose_group_size(
         if group_size not in cache:
             if _gave_up(cache, group_size, best):
                 break
-            # A measurement costs about a warm-up step plus the budget; a step of G
+            # A measurement costs about the budget plus a warm-up step. A step of G
             # members takes about G * batch / (best images/s so far) seconds.
             expected_s = budget_s + group_size * batch_size / best if best else budget_s
             if rank >= 2 and time.perf_counter() - started + expected_s > total_budget_s:

@@ -27,7 +27,9 @@ class ShallowCNN(nn.Module):
         self.fc = nn.Linear(width * (spec.height // 2) * (spec.width // 2), spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(torch.relu(self.conv(x)))
+        # Max-pooling and ReLU commute (ReLU is monotonic), so pooling first gives the
+        # same outputs and gradients with a quarter of the ReLU work.
+        x = torch.relu(self.pool(self.conv(x)))
         return self.fc(torch.flatten(x, 1))
 
 
