@@ -1,0 +1,287 @@
+"""Speed of one training: loaders, execution options, and the engine against a plain PyTorch loop.
+
+Not part of the test suite; run it explicitly::
+
+    pytest benchmarks/bench_speed.py --benchmark-only -q --benchmark-columns=min,median,rounds
+
+Three groups of cases, each printing a table at the end of its module:
+
+- ``loader``: images/s of one epoch over 25,000 random CIFAR-sized uint8 images, per
+  backend (tensor, FFCV, DALI; the last two skip when their extra is missing).
+- ``step``: training images/s of a shallow CNN step at batch 64 for every
+  combination of precision (fp32, bf16), layout (NCHW, channels_last),
+  compilation (off, default) and CPU threads (1, the process's count). The ratio
+  is to plain eager fp32 NCHW with the process's threads. Candidates are timed in
+  interleaved windows, so load from other processes hits them alike.
+- ``end_to_end``: table10-like work on real CIFAR-10 (N1 of widths 16, 32, 64 on
+  D1, then N2 of every width on each N1's labels of D2, a few epochs each) by the
+  engine's autotuned trainer and by a plain PyTorch loop (fp32, NCHW, one model
+  at a time, ``torch.utils.data.DataLoader``) in the same process. The plain loop
+  runs with the process's threads and again with one thread, so the share of the
+  speedup that comes from the thread count shows.
+
+``$BENCH_THREADS`` sets the process's CPU threads (default: PyTorch's). The
+end-to-end case needs real CIFAR-10 in ``$ENGINE_DATA_DIR`` or ``../shared/data``
+beside the checkout, and skips otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.data.loaders import make_loader
+from engine.models import create_model
+from engine.training import TrainConfig, predict, train_network
+from engine.training import autotune
+from engine.training.autotune import Candidate, make_step, thread_count, time_candidates
+from engine.training.execution import ExecutionOptions
+
+if os.environ.get("BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+DEVICE = torch.device("cpu")
+BATCH = 64
+LOADER_IMAGES = 25_000
+STEP_WIDTHS = (16, 128)
+STEP_BUDGET_S = {16: 1.5, 128: 4.0}  # timed seconds per candidate, over 3 interleaved windows
+E2E_WIDTHS = (16, 32, 64)
+E2E_SUBSET = 1000
+E2E_EPOCHS = 3
+
+# Rows of the summary tables printed at the end of the module.
+_ROWS: dict[str, list[str]] = {"loader": [], "step": [], "end_to_end": []}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(request):
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    titles = {
+        "loader": "loader throughput (one epoch, 25,000 images, batch 64)",
+        "step": "training step throughput, shallow CNN, batch 64 (ratio to eager fp32 NCHW, process threads)",
+        "end_to_end": "table10-like work: engine (autotuned) against a plain PyTorch loop",
+    }
+    # Output of a fixture's teardown is captured like a test's, so capturing is
+    # paused to put the tables on the terminal.
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        for group, rows in _ROWS.items():
+            if rows:
+                reporter.write_sep("-", titles[group])
+                for row in rows:
+                    reporter.write_line(row)
+
+
+def _real_cifar():
+    """Return real CIFAR-10 from ``$ENGINE_DATA_DIR`` or ``../shared/data``, or skip."""
+    from engine.data import load_dataset
+
+    repo = Path(__file__).resolve().parents[1]
+    for candidate in (os.environ.get("ENGINE_DATA_DIR"), repo.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "cifar-10-batches-py" / "data_batch_1").is_file():
+            return load_dataset("cifar10", candidate)
+    pytest.skip("real CIFAR-10 not found: set ENGINE_DATA_DIR")
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _skip_unless_installed(module: str, reason: str) -> None:
+    # find_spec does not import: importing FFCV sets PyTorch's thread count to 1.
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def loader_set():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (LOADER_IMAGES, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (LOADER_IMAGES,), generator=generator)
+    return images, labels
+
+
+@pytest.mark.benchmark(group="loader")
+@pytest.mark.parametrize("backend", ["tensor", "ffcv", "dali"])
+def test_loader_epoch(benchmark, backend, loader_set, tmp_path):
+    if backend == "ffcv":
+        _skip_unless_installed("ffcv", "FFCV is not installed (pip install -e '.[ffcv]')")
+    if backend == "dali":
+        _skip_unless_installed("nvidia.dali", "DALI is not installed (pip install -e '.[dali]')")
+    started = time.perf_counter()
+    loader = make_loader(backend, *loader_set, BATCH, DEVICE, cache_dir=str(tmp_path))
+    setup_s = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(0)
+
+    def epoch() -> int:
+        return sum(len(y) for _, y in loader.epoch(generator))
+
+    epoch()  # warm-up: FFCV compiles its pipeline, DALI allocates its buffers
+    assert benchmark.pedantic(epoch, rounds=3, iterations=1) == LOADER_IMAGES
+    images_per_s = LOADER_IMAGES / benchmark.stats.stats.min
+    benchmark.extra_info.update(images_per_s=images_per_s, setup_s=setup_s)
+    _ROWS["loader"].append(
+        f"{backend:<7} {images_per_s:>10,.0f} images/s (fastest of 3 epochs)   setup {setup_s:5.1f} s"
+    )
+    loader.close()
+
+
+# ---------------------------------------------------------------- training steps
+
+
+@pytest.mark.benchmark(group="step")
+@pytest.mark.parametrize("width", STEP_WIDTHS)
+def test_step_options(benchmark, width):
+    model = create_model(f"shallow_cnn_w{width}")
+    process_threads = torch.get_num_threads()
+    steps, threads, compile_s = {}, {}, {}
+    for precision in ("fp32", "bf16"):
+        for channels_last in (False, True):
+            for mode in ("off", "default"):
+                for count in sorted({1, process_threads}):
+                    candidate = Candidate(channels_last, mode, count)
+                    label = f"{precision} {candidate.label}"
+                    step = make_step(model, candidate, (3, 32, 32), BATCH, precision, DEVICE)
+                    started = time.perf_counter()
+                    with thread_count(count):
+                        step(0)
+                    compile_s[label] = time.perf_counter() - started
+                    steps[label], threads[label] = step, count
+    seconds = time_candidates(steps, DEVICE, STEP_BUDGET_S[width], threads=threads)
+    baseline = f"fp32 {Candidate(False, 'off', process_threads).label}"
+
+    def plain_step() -> None:
+        steps[baseline](0)
+
+    benchmark.pedantic(plain_step, rounds=5, iterations=1)
+    benchmark.extra_info.update({label: BATCH / s for label, s in seconds.items()})
+    for label, s in sorted(seconds.items(), key=lambda item: item[1]):
+        first = f"   first step {compile_s[label]:5.1f} s" if "compile=default" in label else ""
+        _ROWS["step"].append(
+            f"w{width:<5} {label:<44} {BATCH / s:>8,.0f} images/s  {seconds[baseline] / s:5.2f}x{first}"
+        )
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _plain_train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
+    """Train the way a plain PyTorch script does: float tensors, a DataLoader, NCHW fp32."""
+    dataset = torch.utils.data.TensorDataset(images.float() / 127.5 - 1.0, labels)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(E2E_EPOCHS):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def _plain_predict(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model(images.float() / 127.5 - 1.0).argmax(1).numpy()
+
+
+def _engine_train(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
+    config = TrainConfig(max_epochs=E2E_EPOCHS)
+    train_network(model, images, labels, config, seed, execution=ExecutionOptions())
+
+
+def _engine_train_bf16(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
+    config = TrainConfig(max_epochs=E2E_EPOCHS, precision="bf16")
+    train_network(model, images, labels, config, seed, execution=ExecutionOptions(amp="bf16"))
+
+
+def _predict_bf16(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    return predict(model, images, precision="bf16")
+
+
+def _grid(cifar, split, train, predict_labels) -> tuple[float, list[float]]:
+    """Train N1 of every width on D1, then N2 of every width on each N1's D2 labels.
+
+    Returns the wall time and the learnability of every (N1, N2) pair on D3.
+    """
+    from engine.data import n1_training_set
+
+    started = time.perf_counter()
+    d1_images, d1_labels = n1_training_set(cifar, split, "true_data")
+    d2 = cifar.train_images[torch.from_numpy(split.d2)]
+    d3 = cifar.test_images[torch.from_numpy(split.d3)]
+    agreements = []
+    for n1_width in E2E_WIDTHS:
+        torch.manual_seed(n1_width)
+        n1 = create_model(f"shallow_cnn_w{n1_width}")
+        train(n1, d1_images, d1_labels, n1_width)
+        n1_d2 = torch.from_numpy(np.asarray(predict_labels(n1, d2)).astype(np.int64))
+        n1_d3 = predict_labels(n1, d3)
+        for n2_width in E2E_WIDTHS:
+            torch.manual_seed(1000 + n2_width)
+            n2 = create_model(f"shallow_cnn_w{n2_width}")
+            train(n2, d2, n1_d2, n2_width)
+            agreements.append(float((np.asarray(predict_labels(n2, d3)) == np.asarray(n1_d3)).mean()))
+    return time.perf_counter() - started, agreements
+
+
+@pytest.mark.benchmark(group="end_to_end")
+def test_end_to_end_table10_like(benchmark, monkeypatch, tmp_path):
+    from engine.data import make_split
+
+    cifar = _real_cifar()
+    split = make_split(cifar, 0, subset=E2E_SUBSET)
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "autotune.json"))
+    load = os.getloadavg()[0]
+
+    # The engine first with an empty autotune cache (it measures), then the plain
+    # loop with the process's threads and with one thread, then the engine again
+    # with the cache filled by its first run.
+    engine_cold_s, engine_agree = _grid(cifar, split, _engine_train, predict)
+    plain_s, plain_agree = _grid(cifar, split, _plain_train, _plain_predict)
+    with thread_count(1):
+        plain_one_thread_s, _ = _grid(cifar, split, _plain_train, _plain_predict)
+    engine_warm_s, _ = benchmark.pedantic(
+        _grid, args=(cifar, split, _engine_train, predict), rounds=1, iterations=1
+    )
+    # bf16 autocast changes the protocol's precision: only with the user's --amp bf16.
+    engine_bf16_s, bf16_agree = _grid(cifar, split, _engine_train_bf16, _predict_bf16)
+    networks = len(E2E_WIDTHS) * (1 + len(E2E_WIDTHS))
+    benchmark.extra_info.update(
+        plain_s=plain_s, plain_one_thread_s=plain_one_thread_s, engine_cold_s=engine_cold_s, engine_warm_s=engine_warm_s,
+        engine_bf16_s=engine_bf16_s, threads=torch.get_num_threads(),
+        load_average_start=load, load_average_end=os.getloadavg()[0],
+    )
+    rows = _ROWS["end_to_end"]
+    rows.append(
+        f"{networks} networks (widths {E2E_WIDTHS}), {E2E_SUBSET} images per split, "
+        f"{E2E_EPOCHS} epochs each, batch {BATCH}; process threads {torch.get_num_threads()}; "
+        f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    rows.append(f"plain PyTorch loop       {plain_s:7.1f} s   (process threads)")
+    rows.append(f"plain loop, 1 thread     {plain_one_thread_s:7.1f} s   {plain_s / plain_one_thread_s:5.2f}x")
+    rows.append(f"engine, autotune cold    {engine_cold_s:7.1f} s   {plain_s / engine_cold_s:5.2f}x faster than the plain loop")
+    rows.append(f"engine, autotune cached  {engine_warm_s:7.1f} s   {plain_s / engine_warm_s:5.2f}x")
+    rows.append(
+        f"engine, --amp bf16       {engine_bf16_s:7.1f} s   {plain_s / engine_bf16_s:5.2f}x "
+        "(autotune cold for bf16; the precision is part of the protocol)"
+    )
+    rows.append(
+        f"mean learnability on D3: engine {100 * np.mean(engine_agree):.1f}%, bf16 {100 * np.mean(bf16_agree):.1f}%, "
+        f"plain {100 * np.mean(plain_agree):.1f}% (other batch orders and rounding: equal only within seed noise)"
+    )

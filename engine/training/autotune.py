@@ -1,0 +1,554 @@
+"""Autotuning: time a few training steps of each execution option and keep the fastest.
+
+Tuned per device, architecture, input shape, batch size and precision: the memory
+layout (NCHW or channels_last), ``torch.compile`` (off or a mode) and, on a CPU,
+the thread count (1 or the process's count). Each combination is timed with the
+tensor loader. For the fused families the group size is chosen too, by
+``engine.fused.strategy.choose_group_size``. These options change only the rounding
+of a run, so results stay within seed noise. Threads matter on a shared machine: with
+other processes busy on a 2-core CPU, one thread trained a shallow CNN 1.6 to 3 times
+faster than two, whose every parallel operator waits for the descheduled thread.
+
+Not tuned: the precision. bf16 or fp16 autocast changes the arithmetic of the
+protocol, and the precision is part of every job key, so only the user's ``--amp``
+sets it and autotuning measures at that precision. Nor the loader (the tensor
+loader is the fastest for data that fits on the device, see the benchmarks), nor
+anything of the protocol (batch size, learning rate, stop rule).
+
+Compilation costs seconds to a minute per architecture and layout (3.5 to 44 s for
+one shallow CNN on a busy 2-core CPU, PyTorch 2.13). A process pays it once, because
+dynamo reuses its compiled code for later models of the same shapes. So compiled
+candidates are timed only when the planned eager work would repay a compilation
+even at a modest speedup, and one is chosen only when its compilation plus the
+planned steps beats the best eager option.
+
+Measurements are kept in a JSON file, ``$ENGINE_AUTOTUNE_CACHE`` or
+``autotune.json`` in the per-user cache folder, so later runs on the same machine
+skip them and only re-decide whether compilation pays for their planned work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pooch
+import torch
+from torch import nn
+
+from engine.data.loaders import scale_pixels, to_layout
+from engine.models import create_model
+from engine.models.registry import InputSpec
+from engine.training.config import TrainConfig
+from engine.training.execution import ExecutionOptions
+from engine.training.trainer import autocast_context, compile_model, train_step
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "ENGINE_AUTOTUNE_CACHE"
+# Seconds of timed steps per candidate, split into windows interleaved across
+# candidates, so a burst of load on a shared machine slows all candidates alike.
+BUDGET_S = 0.3
+WINDOWS = 3
+MAX_STEPS_PER_WINDOW = 50
+# Compiled candidates are timed only if compiling would be repaid by a step this
+# much shorter than the best eager step. The best gain of torch.compile seen for
+# the shallow CNN on a 2-core CPU was 1.8x, a 44% shorter step.
+ASSUMED_COMPILE_SAVING = 0.4
+# Compilation seconds assumed before one was measured on this machine. A shallow
+# CNN took 3.5 to 44 s on a busy 2-core CPU (PyTorch 2.13), and zoo models take longer.
+COMPILE_COST_PRIOR_S = 30.0
+# A compiled candidate must beat the best eager one by this factor, so timing
+# noise alone does not choose a compiled step.
+COMPILE_MARGIN = 1.03
+
+# (cache key, candidate label) compiled in this process: their compilation is paid.
+_COMPILED_HERE: set[tuple[str, str]] = set()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One combination of layout, compilation and thread count that autotuning can time."""
+
+    channels_last: bool
+    compile: str
+    threads: int
+
+    @property
+    def label(self) -> str:
+        layout = "channels_last" if self.channels_last else "nchw"
+        return f"{layout},compile={self.compile},threads={self.threads}"
+
+
+@dataclass
+class TuneResult:
+    """The options autotuning chose and the measurements behind the choice.
+
+    Attributes:
+        key: the cache key (device, architecture, input, batch size, precision).
+        options: the execution options to train with, every option decided.
+        images_per_s: training throughput per candidate label.
+        compile_s: compilation seconds per compiled candidate label.
+        skipped: candidates not timed, with the reason.
+        failed: candidates whose compilation or step raised, with the error.
+        source: ``measured`` (some candidate timed now), ``cache`` (all from the
+            cache file) or ``fixed`` (nothing to tune).
+        measure_time_s: wall time spent timing in this call.
+        planned_steps: training steps the choice was made for.
+        group: the fused group size choice, where one was made (``tune`` only).
+    """
+
+    key: str
+    options: ExecutionOptions
+    images_per_s: dict[str, float] = field(default_factory=dict)
+    compile_s: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    source: str = "fixed"
+    measure_time_s: float = 0.0
+    planned_steps: int = 0
+    group: Any = None
+
+    @property
+    def chosen(self) -> Candidate:
+        options = self.options.with_defaults()
+        return Candidate(bool(options.channels_last), options.compile, options.threads)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready record of the choice, for saving with the results."""
+        return {
+            "key": self.key,
+            "chosen": self.chosen.label,
+            "images_per_s": {k: round(v, 1) for k, v in self.images_per_s.items()},
+            "compile_s": {k: round(v, 2) for k, v in self.compile_s.items()},
+            "skipped": dict(self.skipped),
+            "failed": dict(self.failed),
+            "source": self.source,
+            "measure_time_s": round(self.measure_time_s, 3),
+            "planned_steps": self.planned_steps,
+            "group": self.group.to_dict() if self.group is not None else None,
+        }
+
+
+def cache_path() -> Path:
+    """Return the autotune cache file: ``$ENGINE_AUTOTUNE_CACHE``, else one in the per-user cache folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(pooch.os_cache("learnability-engine")) / "autotune.json"
+
+
+def load_cache(path: Path) -> dict[str, Any]:
+    """Return the cache file's entries; a missing or unreadable file gives none (logged)."""
+    try:
+        with open(path) as file:
+            entries = json.load(file)
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring the unreadable autotune cache %s: %s", path, exc)
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def save_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Write one entry into the cache file, keeping the others (atomic rename; last writer wins)."""
+    entries = load_cache(path)
+    entries[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(entries, file, indent=1, sort_keys=True)
+        os.replace(partial, path)
+    except OSError as exc:
+        log.warning("could not write the autotune cache %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    """Return a name of the device's hardware: the GPU name, or the CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return f"{cpu} x{os.cpu_count()}"
+
+
+def architecture_name(model: nn.Module) -> str:
+    """Return the model's class and a hash of its parameter shapes: equal for equal architectures."""
+    shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+    return f"{type(model).__name__}-{hashlib.sha1(shapes.encode()).hexdigest()[:10]}"
+
+
+def cache_key(
+    architecture: str, input_shape: Sequence[int], batch_size: int, precision: str, device: torch.device
+) -> str:
+    """Return the key of one measurement: hardware, threads, PyTorch, architecture, input, batch, precision."""
+    threads = f"threads={torch.get_num_threads()}" if device.type == "cpu" else device.type
+    shape = "x".join(str(d) for d in input_shape)
+    return f"{device_name(device)}|{threads}|torch={torch.__version__}|{architecture}|{shape}|b{batch_size}|{precision}"
+
+
+def compile_modes(device: torch.device) -> list[str]:
+    """Return the compile modes autotuning tries: CUDA graphs only on CUDA; max-autotune only on request."""
+    return ["default", "reduce-overhead"] if device.type == "cuda" else ["default"]
+
+
+def has_convolutions(model: nn.Module) -> bool:
+    """Return whether the layout can matter: the model has a 4-d weight."""
+    return any(p.dim() == 4 for p in model.parameters())
+
+
+def thread_counts(device: torch.device) -> list[int]:
+    """Return the thread counts autotuning tries: 1 and the process's count on a CPU."""
+    if device.type != "cpu":
+        return [torch.get_num_threads()]
+    return sorted({1, torch.get_num_threads()})
+
+
+@contextlib.contextmanager
+def thread_count(threads: int):
+    """Run the block with ``torch.set_num_threads(threads)``, then restore the previous count."""
+    previous = torch.get_num_threads()
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads != previous:
+            torch.set_num_threads(previous)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(
+    model: nn.Module,
+    candidate: Candidate,
+    input_shape: Sequence[int],
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+) -> Callable[[int], None]:
+    """Return the trainer's step for a copy of ``model`` under ``candidate``, on random uint8 images.
+
+    The step takes the step number, gathers a batch from a pool of ``4 * batch_size``
+    images as the tensor loader does, and trains one SGD step without a host sync.
+    """
+    clone = copy.deepcopy(model).to(device).train()
+    if candidate.channels_last:
+        clone.to(memory_format=torch.channels_last)
+    forward = compile_model(clone, candidate.compile)
+    optimizer = torch.optim.SGD(clone.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    context = autocast_context(precision, device)
+    pool = 4 * batch_size
+    images = torch.randint(0, 256, (pool, *input_shape), dtype=torch.uint8, device=device)
+    labels = torch.randint(2, (pool,), device=device)
+    order = torch.randperm(pool, device=device)
+    mistakes = torch.zeros((), dtype=torch.int64, device=device)
+
+    def step(i: int) -> None:
+        index = order.roll(i * batch_size)[:batch_size]
+        x = to_layout(scale_pixels(images.index_select(0, index)), candidate.channels_last)
+        y = labels[index]
+        logits, _ = train_step(forward, optimizer, scaler, context, x, y)
+        mistakes.add_((logits.argmax(1) != y).sum())
+
+    return step
+
+
+def time_candidates(
+    steps: dict[str, Callable[[int], None]],
+    device: torch.device,
+    budget_s: float = BUDGET_S,
+    slow: Sequence[str] = (),
+    threads: dict[str, int] | None = None,
+) -> dict[str, float]:
+    """Return the seconds per step of each warmed-up step function: its fastest window.
+
+    ``WINDOWS`` rounds run a window of each candidate in turn, each about
+    ``budget_s / WINDOWS`` seconds and at least one step. Candidates listed in
+    ``slow`` (a step longer than ``budget_s``) get only the first round's window.
+    ``threads`` gives a candidate's thread count (default: the current one).
+    """
+    fastest = {label: float("inf") for label in steps}
+    counts = {label: 1 for label in steps}
+    window_s = budget_s / WINDOWS
+    for round_index in range(WINDOWS):
+        for label, step in steps.items():
+            if round_index > 0 and label in slow:
+                continue
+            with thread_count((threads or {}).get(label, torch.get_num_threads())):
+                done = 0
+                started = time.perf_counter()
+                while done == 0 or (time.perf_counter() - started < window_s and done < MAX_STEPS_PER_WINDOW):
+                    step(counts[label])
+                    counts[label] += 1
+                    done += 1
+                _synchronize(device)
+                fastest[label] = min(fastest[label], (time.perf_counter() - started) / done)
+    return fastest
+
+
+def _measure(
+    model: nn.Module,
+    candidates: Sequence[Candidate],
+    input_shape: Sequence[int],
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    budget_s: float,
+) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """Time candidates; return images/s and compile seconds per label, and the failures.
+
+    Each candidate's first step is its warm-up, where compilation and kernel
+    selection happen; its compile seconds are that step's time less a timed step.
+    """
+    working, first, failed = {}, {}, {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        for candidate in candidates:
+            label = candidate.label
+            started = time.perf_counter()
+            # A missing C++ compiler or an operator the compiler cannot handle
+            # raises in the first call, where compilation happens.
+            try:
+                step = make_step(model, candidate, input_shape, batch_size, precision, device)
+                with thread_count(candidate.threads):
+                    step(0)
+                    _synchronize(device)
+            except Exception as exc:  # noqa: BLE001 - any failure rules the candidate out
+                message = str(exc).splitlines()[0] if str(exc) else ""
+                failed[label] = f"{type(exc).__name__}: {message}"
+                log.warning("autotune: %s failed and is skipped: %s", label, failed[label])
+                continue
+            first[label] = time.perf_counter() - started
+            working[label] = step
+        slow = [label for label, seconds in first.items() if seconds > budget_s]
+        threads = {c.label: c.threads for c in candidates}
+        seconds = time_candidates(working, device, budget_s, slow, threads) if working else {}
+    speeds = {label: batch_size / s for label, s in seconds.items()}
+    compiled = {c.label for c in candidates if c.compile != "off"}
+    compile_s = {label: max(0.0, first[label] - seconds[label]) for label in seconds if label in compiled}
+    return speeds, compile_s, failed
+
+
+def _planned_cost(
+    candidate: Candidate, speed: float, compile_s: float | None, batch_size: int, planned_steps: int, key: str
+) -> float:
+    """Return the planned training seconds under ``candidate``, its compilation included unless already paid."""
+    cost = planned_steps * batch_size / speed
+    if candidate.compile != "off" and (key, candidate.label) not in _COMPILED_HERE:
+        cost += compile_s if compile_s is not None else COMPILE_COST_PRIOR_S
+    return cost
+
+
+def tune_module(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int,
+    precision: str,
+    device: torch.device | str,
+    options: ExecutionOptions,
+    planned_steps: int,
+    *,
+    full_batches: bool = True,
+    name: str | None = None,
+    cache: Path | str | None | bool = None,
+    budget_s: float = BUDGET_S,
+) -> TuneResult:
+    """Choose the layout and compilation of ``model``'s training on ``device`` by timing copies of it.
+
+    Args:
+        model: the network (not changed: copies are timed).
+        input_shape: one image's shape ``(C, H, W)``.
+        batch_size: minibatch size of the training.
+        precision: the protocol's precision (fp32, bf16, fp16), timed as it is.
+        device: where the training runs.
+        options: the user's options; a layout, compile mode or thread count given
+            there is kept, the ones left at None are tuned.
+        planned_steps: training steps the choice is for (all jobs together).
+        full_batches: whether there is a full batch at all; without one nothing
+            would run compiled (the smaller last batch runs eager).
+        name: architecture name for the cache key (default: class and parameter shapes).
+        cache: cache file path, None for ``cache_path()``, False for no cache file.
+        budget_s: timing seconds per candidate after its warm-up step.
+    """
+    device = torch.device(device)
+    started = time.perf_counter()
+    key = cache_key(name or architecture_name(model), input_shape, batch_size, precision, device)
+    if cache is False:
+        path = None
+    elif cache is None:
+        path = cache_path()
+    else:
+        path = Path(cache)
+    entry = load_cache(path).get(key, {}) if path is not None else {}
+    speeds: dict[str, float] = dict(entry.get("images_per_s", {}))
+    compile_s: dict[str, float] = dict(entry.get("compile_s", {}))
+    failed: dict[str, str] = dict(entry.get("failed", {}))
+    skipped: dict[str, str] = {}
+
+    layouts = [options.channels_last] if options.channels_last is not None else (
+        [False, True] if has_convolutions(model) else [False]
+    )
+    if options.compile is not None:
+        modes = [options.compile]
+    else:
+        modes = ["off"] + (compile_modes(device) if full_batches else [])
+    counts = [options.threads] if options.threads is not None else thread_counts(device)
+    eager = [Candidate(cl, "off", n) for cl in layouts for n in counts if "off" in modes]
+    compiled = [Candidate(cl, mode, n) for cl in layouts for mode in modes for n in counts if mode != "off"]
+    if len(eager) + len(compiled) == 1:
+        only = (eager + compiled)[0]
+        chosen = dataclasses.replace(
+            options, channels_last=only.channels_last, compile=only.compile, threads=only.threads
+        )
+        return TuneResult(key, chosen, source="fixed", planned_steps=planned_steps)
+
+    measured = False
+    todo = [c for c in eager if c.label not in speeds and c.label not in failed]
+    if todo:
+        new_speeds, _, new_failed = _measure(model, todo, input_shape, batch_size, precision, device, budget_s)
+        speeds.update(new_speeds)
+        failed.update(new_failed)
+        measured = True
+
+    best_eager = max((speeds[c.label] for c in eager if c.label in speeds), default=None)
+    if compiled and options.compile is None and best_eager is not None:
+        planned_eager_s = planned_steps * batch_size / best_eager
+        known = sorted(compile_s.values())
+        expected_compile_s = known[len(known) // 2] if known else COMPILE_COST_PRIOR_S
+        if planned_eager_s * ASSUMED_COMPILE_SAVING < expected_compile_s:
+            reason = (
+                f"planned work of about {planned_eager_s:.0f} s eager is too small to repay "
+                f"about {expected_compile_s:.0f} s of compilation"
+            )
+            skipped["compile"] = reason
+            compiled = []
+    todo = [c for c in compiled if c.label not in speeds and c.label not in failed]
+    if todo:
+        new_speeds, new_compile_s, new_failed = _measure(
+            model, todo, input_shape, batch_size, precision, device, budget_s
+        )
+        speeds.update(new_speeds)
+        compile_s.update(new_compile_s)
+        failed.update(new_failed)
+        _COMPILED_HERE.update((key, label) for label in new_speeds)
+        measured = True
+
+    timed = [c for c in eager + compiled if c.label in speeds]
+    if not timed:
+        raise RuntimeError(f"autotune: every candidate failed for {key}: {failed}")
+    costs = {
+        c.label: _planned_cost(c, speeds[c.label], compile_s.get(c.label), batch_size, planned_steps, key)
+        for c in timed
+    }
+    best = min(timed, key=lambda c: costs[c.label])
+    if best.compile != "off" and best_eager is not None and speeds[best.label] < COMPILE_MARGIN * best_eager:
+        best = max((c for c in timed if c.compile == "off"), key=lambda c: speeds[c.label])
+    chosen = dataclasses.replace(options, channels_last=best.channels_last, compile=best.compile, threads=best.threads)
+
+    if measured and path is not None:
+        save_entry(path, key, {
+            "images_per_s": speeds,
+            "compile_s": compile_s,
+            "failed": failed,
+            "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+    result = TuneResult(
+        key, chosen, {c.label: speeds[c.label] for c in timed},
+        {c.label: compile_s[c.label] for c in timed if c.label in compile_s},
+        skipped, {label: failed[label] for label in failed if label in {c.label for c in eager + compiled}},
+        "measured" if measured else "cache", time.perf_counter() - started, planned_steps,
+    )
+    log.info(
+        "autotune %s (%s): %s; images/s %s%s",
+        name or architecture_name(model), "measured" if measured else "from cache", best.label,
+        ", ".join(f"{label} {value:.0f}" for label, value in result.images_per_s.items()),
+        f"; compile s {', '.join(f'{k} {v:.1f}' for k, v in result.compile_s.items())}" if result.compile_s else "",
+    )
+    return result
+
+
+def tune(
+    model_name: str,
+    spec: InputSpec,
+    config: TrainConfig,
+    n_train: int,
+    n_jobs: int,
+    device: torch.device | str,
+    options: ExecutionOptions,
+    *,
+    group_size: int | None = None,
+    shared_batches: bool = False,
+    cache: Path | str | None | bool = None,
+) -> TuneResult:
+    """Choose the execution options and the fused group size for ``n_jobs`` jobs of one kind.
+
+    The layout and compilation come from ``tune_module`` on a fresh model (the
+    global RNG is left as it was), planned for ``n_jobs`` trainings of
+    ``config.max_epochs`` epochs (an upper bound: most runs stop earlier). The group
+    size is ``group_size`` when given. Otherwise, for a fused family and more than
+    one job, ``choose_group_size`` measures it. A fused size is kept only if it beats
+    the tuned one-network throughput by the fused strategy's margin.
+    """
+    from engine.fused.modules import is_fusable
+    from engine.fused.strategy import FUSED_MARGIN, choose_group_size, fixed_choice, template_model
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(model_name, spec)
+    input_shape = (spec.channels, spec.height, spec.width)
+    steps = -(-n_train // config.batch_size)
+    if options.resolved or not options.autotune:
+        result = TuneResult("", options.with_defaults(), planned_steps=steps * config.max_epochs * n_jobs)
+    else:
+        result = tune_module(
+            model, input_shape, config.batch_size, config.precision, device, options,
+            planned_steps=steps * config.max_epochs * n_jobs, full_batches=n_train >= config.batch_size,
+            name=model_name, cache=cache,
+        )
+
+    fusable = is_fusable(template_model(model_name, spec)) and not (config.precision == "fp16" and device.type == "cuda")
+    batch, precision = config.batch_size, config.precision
+    if group_size is not None:
+        group = fixed_choice(model_name, device, batch, group_size, precision, shared_batches, "fixed")
+    elif not fusable or n_jobs == 1:
+        reason = "not fusable" if not fusable else "single job"
+        group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, reason)
+    else:
+        group = choose_group_size(model_name, spec, batch, n_jobs, device, shared=shared_batches, precision=precision)
+        single = result.images_per_s.get(result.chosen.label)
+        fused = group.images_per_s.get(group.group_size, 0.0)
+        if group.group_size > 1 and single is not None and fused < FUSED_MARGIN * single:
+            log.info(
+                "autotune %s: tuned one-network training (%.0f images/s) beats fused G=%d (%.0f images/s)",
+                model_name, single, group.group_size, fused,
+            )
+            group = dataclasses.replace(group, group_size=1, reason="tuned one-network faster")
+    result.group = group
+    return result
