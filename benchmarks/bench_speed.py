@@ -40,8 +40,7 @@ import torch.nn.functional as F
 
 from engine.data.loaders import make_loader
 from engine.models import create_model
-from engine.training import TrainConfig, predict, train_network
-from engine.training import autotune
+from engine.training import TrainConfig, autotune, predict, train_network
 from engine.training.autotune import Candidate, make_step, thread_count, time_candidates
 from engine.training.execution import ExecutionOptions
 

@@ -11,19 +11,23 @@ import json
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from engine.arguments import positive_int
 from engine.data.datasets import DATA_DIR_ENV, load_dataset, resolve_data_dir
+from engine.data.loaders import check_loader
 from engine.data.splits import REGIMES
 from engine.devices import resolve_device
 from engine.errors import UsageError
+from engine.experiments.deadline import Deadline, seconds_since_process_start
 from engine.experiments.jobs import DataContext
-from engine.experiments.plan import build_plan
+from engine.experiments.plan import Plan, build_plan
 from engine.experiments.recipes import list_recipes, load_recipe
-from engine.experiments.runner import run_plan
+from engine.experiments.runner import RunReport, run_plan
 from engine.fused.trainer import FusedOptions
 from engine.results.report import describe_trainers, write_report
 from engine.results.store import RunStore, atomic_write_text
@@ -35,7 +39,9 @@ from engine.scheduling import (
     make_executor,
     validate_scale_out,
 )
+from engine.scheduling.budget import BudgetPlan, format_duration, parse_budget, plan_within_budget, report_usage
 from engine.training.config import TrainConfig
+from engine.training.execution import ExecutionOptions, add_execution_arguments
 
 log = logging.getLogger("engine")
 
@@ -45,16 +51,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a positive whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive; give a whole number >= 1")
-    return value
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -76,12 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--n1", type=_name_list, help="comma-separated N1 models, e.g. shallow_cnn_w16,shallow_cnn_w32")
     grid.add_argument("--n2", type=_name_list, help="comma-separated N2 models (default: the recipe's)")
     grid.add_argument("--regimes", type=_name_list, help=f"comma-separated data regimes ({', '.join(REGIMES)})")
-    grid.add_argument("--seeds", type=_positive_int, help="number of seeds, run as seeds 0..N-1 (study: 5)")
+    grid.add_argument("--seeds", type=positive_int, help="number of seeds, run as seeds 0..N-1 (study: 5)")
     protocol = parser.add_argument_group("protocol")
-    protocol.add_argument("--max-epochs", type=_positive_int, help="epoch cap per training (default and study: 500)")
+    protocol.add_argument("--max-epochs", type=positive_int, help="epoch cap per training (default and study: 500)")
     protocol.add_argument(
-        "--subset", type=_positive_int,
+        "--subset", type=positive_int,
         help="images per split: a seeded class-balanced subset of N images of each of D1, D2, D3 (default: full splits)",
+    )
+    protocol.add_argument(
+        "--budget", metavar="DURATION",
+        help="wall-clock budget of the whole run, e.g. 90s, 30m, 1.5h: calibrate this device, then train "
+        "the largest class-balanced subset that fits (the full splits when they do); the stop rule is kept",
     )
     protocol.add_argument(
         "--exact-train-error", action="store_true",
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scale_out_arguments(parser)
     fuse = parser.add_argument_group("fused training (shallow CNN and MLP families)")
     fuse.add_argument(
-        "--group-size", type=_positive_int,
+        "--group-size", type=positive_int,
         help="networks trained together in one fused step (default: the fastest measured on this device)",
     )
     fuse.add_argument("--no-fuse", action="store_true", help="train one network at a time (group size 1)")
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--share-batches", action="store_true",
         help="all members of a group see the same batch order: faster, but correlates their runs",
     )
+    add_execution_arguments(parser)
     return parser
 
 
@@ -113,56 +115,85 @@ def _narrow_recipe(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A budget counts from the start of the process: interpreter start and imports included.
+    process_started = time.monotonic() - seconds_since_process_start()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # NOTE: a run stopped at the cap divides its lr by 4 every 10 epochs, down to ~1e-27
     # after 450 epochs. lr * grad then yields denormal floats, which slowed a CPU step
     # 4x in a 500-epoch run on 100 images. Flushing them changes no weight, because they
     # are far below the rounding step of any weight they would be added to.
     torch.set_flush_denormal(True)
+    budget, deadline = None, None
     try:
         recipe = _narrow_recipe(args)
         validate_scale_out(args)
-        overrides = {"max_epochs": args.max_epochs, "exact_train_error": args.exact_train_error or None}
+        execution = ExecutionOptions.from_args(args)
+        overrides = {
+            "max_epochs": args.max_epochs,
+            "exact_train_error": args.exact_train_error or None,
+            "precision": execution.precision if execution.amp != "off" else None,
+        }
         train = TrainConfig.from_dict({**recipe.train, **{k: v for k, v in overrides.items() if v is not None}})
+        budget_s = _check_budget(args)
         device = resolve_device(args.device)
+        execution.check_device(device, train.precision)
+        check_loader(execution.loader)
         data_dir = resolve_data_dir(args.data_dir)
         load_dataset(recipe.dataset, data_dir)  # fail on missing data before anything trains
-        plan = build_plan(recipe, train, args.subset)
         data = DataContext(recipe.dataset, str(data_dir))
         data.split(0, args.subset)  # a subset too large for the data fails here
         if args.no_fuse and args.group_size not in (None, 1):
             raise UsageError(f"--no-fuse contradicts --group-size {args.group_size}; give only one of them")
         options = FusedOptions(group_size=1 if args.no_fuse else args.group_size, share_batches=args.share_batches)
+        out = Path(args.out) if args.out else Path("runs") / recipe.name
+        subset = args.subset
+        if budget_s is not None:
+            deadline = Deadline(budget_s, elapsed_s=time.monotonic() - process_started)
+            log.info("budget %s: measuring this device's training speed to plan the run", format_duration(budget_s))
+            budget = plan_within_budget(
+                recipe, train, budget_s, device, RunStore(out) if out.is_dir() else None, data,
+                options=options, spent_s=deadline.elapsed(), execution=execution,
+            )
+            train, subset = budget.train_config(train), budget.subset
+        plan = build_plan(recipe, train, subset)
         # Starts Ray for --workers, --gpus or --cluster, after every other check passed.
         executor = make_executor(
-            str(data_dir), recipe.dataset, device, options, args.workers, args.gpus, args.cluster
+            str(data_dir), recipe.dataset, device, options, args.workers, args.gpus, args.cluster, execution
         )
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path("runs") / recipe.name
     store = RunStore(out)
-    execution = execution_summary(executor, device)
+    summary = execution_summary(executor, device)
     if args.share_batches:
-        execution["shared batch order"] = "on (members of a fused group see the same batches, so their runs are correlated)"
+        summary["shared batch order"] = "on (members of a fused group see the same batches, so their runs are correlated)"
     atomic_write_text(out / "run.json", json.dumps({
         "recipe": recipe.name,
         "recipe_fields": recipe.to_dict(),
         "argv": list(argv if argv is not None else sys.argv[1:]),
         "train": train.to_dict(),
-        "subset": args.subset,
-        "execution": execution,
+        "subset": subset,
+        "budget": None if budget is None else budget.to_dict(),
+        "execution": summary,
+        "execution_options": execution.to_dict(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
     }, indent=1))
+    if budget is not None:
+        log.info("%s", budget.describe())
+        atomic_write_text(out / "budget.json", json.dumps(budget.to_dict(), indent=1))
     done = sum(store.has(job.key) for job in plan.jobs)
     log.info(
         "%s: %d N1 + %d N2 networks (%d already trained) in %s",
         recipe.name, len(plan.n1_jobs), len(plan.n2_jobs), done, out,
     )
     try:
-        report = run_plan(plan, store, executor, progress=not args.quiet)
+        report = run_plan(
+            plan, store, executor, progress=not args.quiet,
+            deadline=deadline,
+            estimates=budget.job_seconds() if budget is not None else None,
+        )
     except KeyboardInterrupt:
         saved = sum(store.has(job.key) for job in plan.jobs)
         print(f"\ninterrupted: {saved} networks are saved in {out}; run the same command to resume", file=sys.stderr)
@@ -173,15 +204,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         close_executor(executor)
     atomic_write_text(out / "execution.json", json.dumps(executor.describe(), indent=1))
-    execution["trainers"] = describe_trainers(plan, store)
-    _, table = write_report(plan, store, execution)
+    summary["trainers"] = describe_trainers(plan, store)
+    _, table = write_report(plan, store, summary)
     print(table)
     log.info(
-        "trained %d, reused %d, failed %d, blocked %d in %.0f s; wrote %s and %s",
+        "trained %d, reused %d, failed %d, blocked %d in %.0f s; wrote %s and %s "
+        "(python -m engine.report %s adds LaTeX and figures)",
         len(report.trained), len(report.reused), len(report.failed), len(report.blocked),
-        report.wall_time_s, out / "summary.csv", out / "table.md",
+        report.wall_time_s, out / "summary.csv", out / "table.md", out,
     )
+    if budget is not None and deadline is not None:
+        _finish_budget(budget, deadline, report, plan, out)
     return 0
+
+
+def _check_budget(args: argparse.Namespace) -> float | None:
+    """Return the ``--budget`` in seconds (None without one), or raise ``UsageError`` for a contradiction."""
+    if args.budget is None:
+        return None
+    budget_s = parse_budget(args.budget)
+    if args.subset is not None:
+        raise UsageError(
+            f"--budget {args.budget} chooses the subset itself and contradicts --subset {args.subset}; give only one"
+        )
+    if args.workers is not None or args.gpus is not None or args.cluster is not None:
+        raise UsageError(
+            f"--budget {args.budget} plans for training in this process; drop --workers, --gpus and --cluster, "
+            "or drop --budget"
+        )
+    return budget_s
+
+
+def _finish_budget(budget: BudgetPlan, deadline: Deadline, report: RunReport, plan: Plan, out: Path) -> None:
+    """Report planned against used time, list the networks not computed, and save both in budget.json."""
+    used_s = deadline.elapsed()
+    line = report_usage(budget, used_s, len(report.not_computed))
+    log.info("%s", line)
+    described = {job.key: job.describe() for job in plan.jobs}
+    for key in report.not_computed:
+        log.info("  not computed: %s", described[key])
+    atomic_write_text(out / "budget.json", json.dumps({
+        **budget.to_dict(),
+        "used_s": round(used_s, 1),
+        "usage": line,
+        "not_computed": [described[key] for key in report.not_computed],
+    }, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ what finished, with every cell that lacks runs listed as missing.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 import json
 import shlex
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 

@@ -36,3 +36,16 @@ def _two_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_autotune_cache(tmp_path_factory):
+    # Autotuning writes its measurements to a cache file; tests keep theirs apart
+    # from the user's, and start without earlier measurements.
+    previous = os.environ.get("ENGINE_AUTOTUNE_CACHE")
+    os.environ["ENGINE_AUTOTUNE_CACHE"] = str(tmp_path_factory.mktemp("autotune") / "autotune.json")
+    yield
+    if previous is None:
+        os.environ.pop("ENGINE_AUTOTUNE_CACHE", None)
+    else:
+        os.environ["ENGINE_AUTOTUNE_CACHE"] = previous

@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from engine import recipe as cli
-
-from conftest import REPO
 
 
 def run(argv, capsys):

@@ -14,8 +14,7 @@ from engine.data import load_dataset, make_split, n1_training_set
 from engine.errors import UsageError
 from engine.models import create_model
 from engine.models.registry import CIFAR10
-from engine.training import TrainConfig, predict, train_network
-from engine.training import autotune
+from engine.training import TrainConfig, autotune, predict, train_network
 from engine.training.execution import ExecutionOptions, add_execution_arguments
 
 PLAIN = ExecutionOptions(autotune=False)

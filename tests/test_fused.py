@@ -31,9 +31,10 @@ from engine.fused import (
     fuse_members,
     fused_train_step,
     run_jobs,
+    strategy,
     train_group,
+    trainer,
 )
-from engine.fused import strategy, trainer
 from engine.models import CIFAR10, MNIST
 from engine.models.registry import InputSpec
 from engine.models.shallow import MLP, ShallowCNN

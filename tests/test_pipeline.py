@@ -12,12 +12,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from engine import recipe as cli
 from engine.experiments import runner
 from engine.results.store import RunStore
-
-from conftest import REPO
 
 SMALL = ["--n1", "shallow_cnn_w16", "--seeds", "1", "--subset", "200", "--max-epochs", "150", "--quiet"]
 

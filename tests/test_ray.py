@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from engine import recipe as cli
 from engine.errors import UsageError
@@ -27,13 +28,16 @@ from engine.experiments.recipes import load_recipe
 from engine.experiments.runner import InProcessExecutor, run_plan
 from engine.fused.trainer import FusedOptions
 from engine.results.store import RunStore
-from engine.scheduling import add_scale_out_arguments, make_executor, parse_gpus, validate_scale_out
-from engine.scheduling import ray_executor
+from engine.scheduling import (
+    add_scale_out_arguments,
+    make_executor,
+    parse_gpus,
+    ray_executor,
+    validate_scale_out,
+)
 from engine.scheduling.gpus import check_gpus_exist, cuda_index, visible_device_names
 from engine.scheduling.ray_executor import RayExecutor, plan_units, usable_cpus
 from engine.training import TrainConfig
-
-from conftest import REPO
 
 WORKERS = 2
 ONE_BY_ONE = FusedOptions(group_size=1)
@@ -131,7 +135,7 @@ def test_validate_accepts(argv):
 def test_workers_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         parse_scale_out(["--workers", "0"])
-    assert "at least 1" in capsys.readouterr().err
+    assert "whole number >= 1" in capsys.readouterr().err
 
 
 def test_default_executor_does_not_import_ray():

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference_protocol import run_reference
 
 from engine import recipe as cli
-from engine.results.summary import summarize
-from engine.results.store import RunStore
 from engine.experiments.plan import build_plan
 from engine.experiments.recipes import load_recipe
+from engine.results.store import RunStore
+from engine.results.summary import summarize
 from engine.training import TrainConfig
-
-from reference_protocol import run_reference
 
 SEEDS = 4
 SUBSET = 200

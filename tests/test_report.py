@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
+from conftest import REPO
 
 from engine import recipe as recipe_cli
 from engine import report
@@ -19,8 +20,6 @@ from engine.experiments.recipes import TableSpec
 from engine.results.figures import heatmap_figure, learning_curve_figure
 from engine.results.latex import latex_escape, layout_grid, split_groups
 from engine.results.summary import CellStats
-
-from conftest import REPO
 
 TINY = ["--seeds", "1", "--subset", "20", "--max-epochs", "2", "--no-fuse", "--quiet"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

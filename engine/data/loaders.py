@@ -183,3 +183,21 @@ def make_loader(
 
         return DALILoader(images, labels, batch_size, device, channels_last=channels_last)
     raise UsageError(f"unknown loader {name!r}; choose from {', '.join(LOADER_NAMES)}")
+
+
+def check_loader(name: str) -> None:
+    """Raise ``UsageError`` now if loader ``name`` could not run, so a run fails before it trains.
+
+    The message of a missing package gives its install command (and, for FFCV, the
+    system packages it builds against).
+    """
+    if name == "ffcv":
+        from engine.data.ffcv_loader import import_ffcv
+
+        import_ffcv()
+    elif name == "dali":
+        from engine.data.dali_loader import import_dali
+
+        import_dali()
+    elif name not in LOADER_NAMES:
+        raise UsageError(f"unknown loader {name!r}; choose from {', '.join(LOADER_NAMES)}")

@@ -13,6 +13,7 @@ from engine.data.datasets import Dataset, load_dataset
 from engine.data.splits import Split, make_split, n1_training_set
 from engine.experiments.plan import NetworkJob
 from engine.models import create_model
+from engine.training.execution import ExecutionOptions
 from engine.training.trainer import TrainOutcome, predict, train_network
 
 
@@ -65,6 +66,8 @@ def build_model(job: NetworkJob, data: DataContext) -> torch.nn.Module:
 
 
 def make_record(job: NetworkJob, outcome: TrainOutcome, device: torch.device, trainer: str) -> dict[str, Any]:
+    """Return the stored record of a finished training: its config, stop, errors, schedule and how it ran."""
+    execution = outcome.execution or {}
     return {
         "key": job.key,
         "config": job.config(),
@@ -80,25 +83,38 @@ def make_record(job: NetworkJob, outcome: TrainOutcome, device: torch.device, tr
         "wall_time_s": round(outcome.wall_time_s, 3),
         "device": str(device),
         "trainer": trainer,
-        "threads": torch.get_num_threads(),
+        "threads": execution.get("threads") or torch.get_num_threads(),
+        "execution": execution,
         "torch": torch.__version__,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def predictions_of(model: torch.nn.Module, job: NetworkJob, data: DataContext, device: torch.device) -> dict[str, np.ndarray]:
-    """Predict D2 and D3 with a trained model; the true labels are stored beside them."""
+def predictions_of(
+    model: torch.nn.Module, job: NetworkJob, data: DataContext, device: torch.device, channels_last: bool = False
+) -> dict[str, np.ndarray]:
+    """Predict D2 and D3 with a trained model; the true labels are stored beside them.
+
+    ``channels_last`` feeds the images in the layout the model was trained in.
+    """
     out = {}
     for name, (images, labels) in data.eval_sets(job).items():
-        out[name] = predict(model, images, device=device, precision=job.train.precision)
+        out[name] = predict(model, images, device=device, precision=job.train.precision, channels_last=channels_last)
         out[f"{name}_labels"] = labels
     return out
 
 
 def run_job(
-    job: NetworkJob, data: DataContext, device: torch.device, parent_d2: np.ndarray | None = None
+    job: NetworkJob,
+    data: DataContext,
+    device: torch.device,
+    parent_d2: np.ndarray | None = None,
+    execution: ExecutionOptions | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Train one network alone and return its record and predictions.
+
+    ``execution`` picks the loader, layout, compilation and threads (see
+    ``train_network``); None trains as a plain eager loop.
 
     For each of ``job.checkpoints`` the predictions at the end of that epoch are
     kept too, as ``d2@E`` and ``d3@E``. A network that stopped before epoch E is
@@ -116,10 +132,12 @@ def run_job(
             network.train()
 
     on_epoch = keep_checkpoint if job.checkpoints else None
-    outcome = train_network(model, images, labels, job.train, job.order_seed, device, on_epoch=on_epoch)
+    outcome = train_network(
+        model, images, labels, job.train, job.order_seed, device, on_epoch=on_epoch, execution=execution
+    )
     if outcome.status != "ok":
         return make_record(job, outcome, device, "single"), {}
-    predictions = predictions_of(model, job, data, device)
+    predictions = predictions_of(model, job, data, device, bool(outcome.execution.get("channels_last")))
     for epoch in job.checkpoints:
         if epoch > outcome.epochs:
             checkpoints[f"d2@{epoch}"] = predictions["d2"]

@@ -8,9 +8,9 @@ with ``python -m engine.recipe path/to/file.toml``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any

@@ -13,17 +13,20 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from engine.experiments.deadline import Deadline, admit_jobs
 from engine.experiments.jobs import DataContext, run_job
 from engine.experiments.plan import NetworkJob, Plan
 from engine.fused.strategy import GroupChoice
 from engine.fused.trainer import FusedOptions, run_jobs
 from engine.results.store import RunStore
+from engine.training.autotune import TuneResult
+from engine.training.execution import ExecutionOptions
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +44,42 @@ class Executor(Protocol):
 class InProcessExecutor:
     """Train on one device in this process, in fused groups where they pay."""
 
-    def __init__(self, data: DataContext, device: torch.device, options: FusedOptions | None = None) -> None:
+    def __init__(
+        self,
+        data: DataContext,
+        device: torch.device,
+        options: FusedOptions | None = None,
+        execution: ExecutionOptions | None = None,
+    ) -> None:
         self.data = data
         self.device = device
         self.options = options or FusedOptions()
+        # None trains as a plain eager loop and measures only the group size.
+        self.execution = execution
         self.choices: list[GroupChoice] = []
+        self.tuning: list[TuneResult] = []
 
     def run(self, jobs: list[NetworkJob], parent_d2: Mapping[str, np.ndarray]) -> Iterator[JobResult]:
         # Checkpointed N1 (learning curves) keep per-epoch predictions, which only the
         # one-network trainer records.
         for job in jobs:
             if job.checkpoints:
-                record, predictions = run_job(job, self.data, self.device, parent_d2.get(job.key))
+                record, predictions = run_job(job, self.data, self.device, parent_d2.get(job.key), self.execution)
                 yield job, record, predictions
         rest = [job for job in jobs if not job.checkpoints]
-        yield from run_jobs(rest, self.data, self.device, parent_d2, self.options, self.choices.append)
+        yield from run_jobs(
+            rest, self.data, self.device, parent_d2, self.options, self.choices.append,
+            execution=self.execution, on_tune=self.tuning.append,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
             "executor": "in-process",
             "device": str(self.device),
             "fused": self.options.to_dict(),
+            "execution": None if self.execution is None else self.execution.to_dict(),
             "group_choices": [choice.to_dict() for choice in self.choices],
+            "autotune": [result.to_dict() for result in self.tuning],
         }
 
 
@@ -74,6 +91,10 @@ class RunReport:
     reused: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)  # N2 whose N1 failed
+    # Jobs a time budget left out: not started because they would not have ended in
+    # time, or not reached before the budget's hard limit. An N2 whose N1 is one of
+    # them is listed here too.
+    not_computed: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
 
 
@@ -103,11 +124,20 @@ def run_plan(
     store: RunStore,
     executor: Executor,
     progress: bool = True,
+    deadline: Deadline | None = None,
+    estimates: Mapping[str, float] | None = None,
 ) -> RunReport:
     """Train the plan's missing jobs, saving each network as soon as it finishes.
 
     Jobs already in the store are skipped, so rerunning a killed command resumes
     it. An N2 whose N1 failed is not trained and is listed as blocked.
+
+    With a ``deadline`` (a time budget), each role's jobs go to the executor one
+    kind (model and batch size) at a time, and a kind starts only with the jobs whose
+    ``estimates`` (seconds by key), scaled by the pace measured so far, end within the
+    budget. Once the budget's hard limit has passed no further network is started;
+    the networks in progress when it passes still finish and are saved. Jobs left
+    out are listed in ``RunReport.not_computed``.
     """
     report = RunReport()
     started = time.perf_counter()
@@ -117,12 +147,40 @@ def run_plan(
     pending = [job for job in plan.jobs if not store.has(job.key)]
     bar = tqdm(total=len(pending), desc=plan.recipe.name, unit="net", disable=not progress, file=sys.stderr)
 
-    def save_all(results: Iterator[JobResult]) -> None:
+    def save_all(jobs: list[NetworkJob], parent_d2: Mapping[str, np.ndarray]) -> None:
+        if deadline is None:
+            _save_stream(executor.run(jobs, parent_d2))
+            return
+        for kind in _kinds(jobs):
+            admitted, left = admit_jobs(kind, estimates or {}, deadline)
+            if deadline.past_hard_limit():
+                admitted, left = [], kind
+            _leave_out(left)
+            if not admitted:
+                continue
+            began = time.perf_counter()
+            saved = _save_stream(executor.run(admitted, parent_d2), stop=deadline.past_hard_limit)
+            deadline.record(sum((estimates or {}).get(key, 0.0) for key in saved), time.perf_counter() - began)
+            _leave_out([job for job in admitted if job.key not in saved])
+
+    def _leave_out(jobs: Iterable[NetworkJob]) -> None:
+        for job in jobs:
+            report.not_computed.append(job.key)
+            bar.update(1)
+
+    def _save_stream(results: Iterator[JobResult], stop: Callable[[], bool] | None = None) -> set[str]:
         # closing() stops the executor's work at once (for Ray: cancels its tasks) when
-        # a save fails or the run is interrupted, instead of at garbage collection.
+        # a save fails, the run is interrupted or the budget is spent, instead of at
+        # garbage collection.
+        saved = set()
         with contextlib.closing(results):
             for job, record, predictions in results:
                 _save(job, record, predictions)
+                saved.add(job.key)
+                if stop is not None and stop():
+                    log.warning("time budget spent: no further network is started")
+                    break
+        return saved
 
     def _save(job: NetworkJob, record: dict, predictions: dict) -> None:
         store.save(job.key, record, predictions)
@@ -131,10 +189,22 @@ def run_plan(
         bar.write(line) if progress else log.info(line)
         bar.update(1)
 
-    save_all(executor.run([job for job in pending if job.role == "n1"], {}))
-    n2_ready, parent_d2 = _parents_ready((job for job in pending if job.role == "n2"), store, report)
+    save_all([job for job in pending if job.role == "n1"], {})
+    n2_pending = [job for job in pending if job.role == "n2"]
+    skipped_parents = set(report.not_computed)
+    n2_orphans = [job for job in n2_pending if job.parent in skipped_parents]
+    _leave_out(n2_orphans)
+    n2_ready, parent_d2 = _parents_ready((job for job in n2_pending if job not in n2_orphans), store, report)
     bar.update(len(report.blocked))
-    save_all(executor.run(n2_ready, parent_d2))
+    save_all(n2_ready, parent_d2)
     bar.close()
     report.wall_time_s = time.perf_counter() - started
     return report
+
+
+def _kinds(jobs: list[NetworkJob]) -> list[list[NetworkJob]]:
+    """Group jobs by (model, batch size), in their order of first appearance."""
+    kinds: dict[tuple[str, int], list[NetworkJob]] = {}
+    for job in jobs:
+        kinds.setdefault((job.model, job.train.batch_size), []).append(job)
+    return list(kinds.values())

@@ -22,11 +22,24 @@ import numpy as np
 import torch
 
 from engine.data.splits import to_float
-from engine.experiments.jobs import DataContext, build_model, make_record, predictions_of, run_job
+from engine.experiments.jobs import (
+    DataContext,
+    build_model,
+    make_record,
+    predictions_of,
+    run_job,
+)
 from engine.experiments.plan import NetworkJob
 from engine.fused.modules import empty_fused_like, is_fusable, prefers_channels_last
 from engine.fused.sgd import FusedSGD, fused_train_step
-from engine.fused.strategy import GroupChoice, choose_group_size, fixed_choice, template_model
+from engine.fused.strategy import (
+    GroupChoice,
+    choose_group_size,
+    fixed_choice,
+    template_model,
+)
+from engine.training.autotune import TuneResult, thread_count, tune
+from engine.training.execution import ExecutionOptions
 from engine.training.schedule import PlateauSchedule
 from engine.training.trainer import TrainOutcome, autocast_context
 
@@ -323,6 +336,12 @@ class _FusedGroup:
             train_errors=list(member.errors),
             failure=member.failure,
             wall_time_s=time.perf_counter() - self.started,
+            # A fused group gathers its batches from tensors on the device, runs eager,
+            # and takes the convolution layout measured fastest for fused modules there.
+            execution={
+                "loader": "tensor", "channels_last": self.model.channels_last, "compile": "off",
+                "threads": torch.get_num_threads(),
+            },
         )
         predictions = {}
         if outcome.status == "ok":
@@ -398,6 +417,8 @@ def run_jobs(
     parent_d2: Mapping[str, np.ndarray | None] | None = None,
     options: FusedOptions | None = None,
     on_choice: Callable[[GroupChoice], None] | None = None,
+    execution: ExecutionOptions | None = None,
+    on_tune: Callable[[TuneResult], None] | None = None,
 ) -> Iterator[JobResult]:
     """Train ``jobs``, fused where it pays, and yield ``(job, record, predictions)`` as each finishes.
 
@@ -415,6 +436,13 @@ def run_jobs(
         options: group size, shared batches and repacking.
         on_choice: called with each bucket's group-size choice, e.g. to save it
             with the results.
+        execution: loader, layout, compilation and threads. None trains as a plain
+            eager loop and chooses the group size as above. Otherwise, unless
+            autotuning is off, ``autotune.tune`` decides per bucket the options left
+            open and the group size together; a loader other than ``tensor`` trains
+            one network at a time, because fused groups gather their batches from
+            the tensors themselves.
+        on_tune: called with each bucket's autotune result.
     """
     device = torch.device(device)
     options = options or FusedOptions()
@@ -424,36 +452,89 @@ def run_jobs(
         buckets.setdefault(_bucket_key(job, data), []).append(job)
 
     for bucket in buckets.values():
-        first = bucket[0]
-        template = template_model(first.model, data.dataset.spec)
-        fusable = is_fusable(template) and not (first.train.precision == "fp16" and device.type == "cuda")
-        if not fusable or len(bucket) == 1:
-            choice = fixed_choice(first.model, device, first.train.batch_size, 1, first.train.precision,
-                                  options.share_batches, "not fusable" if not fusable else "single job")
-        elif options.group_size is not None:
-            choice = fixed_choice(first.model, device, first.train.batch_size, options.group_size,
-                                  first.train.precision, options.share_batches, "fixed")
+        tuned = None
+        if execution is None:
+            choice = _group_choice(bucket, data, device, options)
         else:
-            choice = choose_group_size(
-                first.model, data.dataset.spec, first.train.batch_size, len(bucket), device,
-                shared=options.share_batches, precision=first.train.precision,
-            )
+            tuned = _tune_bucket(bucket, data, device, options, execution)
+            choice = tuned.group
+            if on_tune is not None:
+                on_tune(tuned)
         if on_choice is not None:
             on_choice(choice)
+        for job, record, predictions in _train_bucket(bucket, choice, data, device, parent_d2, options, tuned):
+            if tuned is not None:
+                record["autotune"] = tuned.to_dict()
+            yield job, record, predictions
 
-        if choice.group_size == 1:
-            for job in bucket:
-                record, predictions = run_job(job, data, device, parent_d2.get(job.key))
-                yield job, record, predictions
-            continue
-        if options.share_batches:
-            # Put members that share their images next to each other, so more groups
-            # get the dense first layer: N1 of one seed share D1 unless the regime
-            # draws random images, and N2 of one seed share D2.
-            bucket = sorted(bucket, key=lambda job: (job.seed, job.role, job.regime == "random_images"))
-        for chunk in _balanced_chunks(bucket, choice.group_size):
-            if len(chunk) == 1:
-                record, predictions = run_job(chunk[0], data, device, parent_d2.get(chunk[0].key))
-                yield chunk[0], record, predictions
-            else:
+
+def _train_bucket(
+    bucket: list[NetworkJob],
+    choice: GroupChoice,
+    data: DataContext,
+    device: torch.device,
+    parent_d2: Mapping[str, np.ndarray | None],
+    options: FusedOptions,
+    tuned: TuneResult | None,
+) -> Iterator[JobResult]:
+    """Train a bucket in groups of the chosen size, with the tuned options where there are any."""
+    single = tuned.options if tuned is not None else None
+    if choice.group_size == 1:
+        for job in bucket:
+            record, predictions = run_job(job, data, device, parent_d2.get(job.key), single)
+            yield job, record, predictions
+        return
+    if options.share_batches:
+        # Put members that share their images next to each other, so more groups
+        # get the dense first layer: N1 of one seed share D1 unless the regime
+        # draws random images, and N2 of one seed share D2.
+        bucket = sorted(bucket, key=lambda job: (job.seed, job.role, job.regime == "random_images"))
+    for chunk in _balanced_chunks(bucket, choice.group_size):
+        if len(chunk) == 1:
+            record, predictions = run_job(chunk[0], data, device, parent_d2.get(chunk[0].key), single)
+            yield chunk[0], record, predictions
+        else:
+            with thread_count(single.threads if single is not None else torch.get_num_threads()):
                 yield from train_group(chunk, data, device, parent_d2, options)
+
+
+def _fusable(job: NetworkJob, data: DataContext, device: torch.device) -> bool:
+    """Return whether the job's model has a fused version that can train at its precision on ``device``."""
+    template = template_model(job.model, data.dataset.spec)
+    return is_fusable(template) and not (job.train.precision == "fp16" and device.type == "cuda")
+
+
+def _group_choice(
+    bucket: Sequence[NetworkJob], data: DataContext, device: torch.device, options: FusedOptions
+) -> GroupChoice:
+    """Return the group size of a bucket trained as a plain eager loop: fixed, or measured on the device."""
+    first = bucket[0]
+    fusable = _fusable(first, data, device)
+    if not fusable or len(bucket) == 1:
+        return fixed_choice(first.model, device, first.train.batch_size, 1, first.train.precision,
+                            options.share_batches, "not fusable" if not fusable else "single job")
+    if options.group_size is not None:
+        return fixed_choice(first.model, device, first.train.batch_size, options.group_size,
+                            first.train.precision, options.share_batches, "fixed")
+    return choose_group_size(
+        first.model, data.dataset.spec, first.train.batch_size, len(bucket), device,
+        shared=options.share_batches, precision=first.train.precision,
+    )
+
+
+def _tune_bucket(
+    bucket: Sequence[NetworkJob], data: DataContext, device: torch.device, options: FusedOptions,
+    execution: ExecutionOptions,
+) -> TuneResult:
+    """Decide a bucket's execution options and group size together, by ``autotune.tune``."""
+    first = bucket[0]
+    group_size = options.group_size
+    if execution.loader != "tensor" or len(bucket) == 1 or not _fusable(first, data, device):
+        group_size = 1
+    elif group_size is not None:
+        group_size = min(group_size, len(bucket))
+    n_train = _bucket_key(first, data)[-1]
+    return tune(
+        first.model, data.dataset.spec, first.train, n_train, len(bucket), device, execution,
+        group_size=group_size, shared_batches=options.share_batches,
+    )

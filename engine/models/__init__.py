@@ -1,7 +1,9 @@
 """Model registry and the architectures of the learnability study."""
 
-from engine.models import shallow  # noqa: F401  (registers the shallow CNN and MLP families)
-from engine.models import zoo  # noqa: F401  (registers the CIFAR zoo)
+from engine.models import (
+    shallow,  # noqa: F401  (registers the shallow CNN and MLP families)
+    zoo,  # noqa: F401  (registers the CIFAR zoo)
+)
 from engine.models.registry import (
     CIFAR10,
     CIFAR100,

@@ -22,9 +22,23 @@ def write_report(plan: Plan, store: RunStore, execution: dict[str, Any]) -> tupl
 
 
 def describe_trainers(plan: Plan, store: RunStore) -> str:
-    """Count the plan's stored networks per trainer, e.g. ``fused G=4 x 6, single x 2``."""
-    counts = Counter(store.record(job.key).get("trainer", "single") for job in plan.jobs if store.has(job.key))
+    """Count the plan's stored networks per trainer and options, e.g. ``fused G=4 x 6, single (channels_last) x 2``."""
+    counts = Counter(_trainer_label(store.record(job.key)) for job in plan.jobs if store.has(job.key))
     return ", ".join(f"{trainer} x {n}" for trainer, n in sorted(counts.items())) or "none yet"
+
+
+def _trainer_label(record: dict) -> str:
+    """Return the trainer of a record with the execution options that differ from a plain eager loop."""
+    execution = record.get("execution") or {}
+    details = []
+    if execution.get("loader", "tensor") != "tensor":
+        details.append(f"{execution['loader']} loader")
+    if execution.get("channels_last"):
+        details.append("channels_last")
+    if execution.get("compile") not in (None, "off"):
+        details.append(f"compile {execution['compile']}")
+    trainer = record.get("trainer", "single")
+    return f"{trainer} ({', '.join(details)})" if details else trainer
 
 
 def report_paths(store: RunStore) -> tuple[Path, Path]:

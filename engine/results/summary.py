@@ -21,9 +21,9 @@ import numpy as np
 
 from engine.data.datasets import DATASET_SPECS
 from engine.experiments.plan import Cell, Plan
-from kernels import agreement, class_counts, distinct_prediction_counts, pairwise_agreement, tlp_plp_table
 from engine.experiments.recipes import recipes_dir
 from engine.results.store import RunStore
+from kernels import agreement, class_counts, distinct_prediction_counts, pairwise_agreement, tlp_plp_table
 
 PAPER_COLUMNS = ("table", "dataset", "n1", "n2", "regime", "n1_batch_size", "metric", "key", "mean", "std")
 SUMMARY_COLUMNS = PAPER_COLUMNS + ("runs", "reached_target", "failed", "missing", "paper_mean", "paper_std")

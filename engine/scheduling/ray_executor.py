@@ -23,6 +23,7 @@ Failures:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -43,6 +44,7 @@ from engine.experiments.runner import InProcessExecutor, JobResult
 from engine.fused.trainer import FusedOptions
 from engine.results.store import compact
 from engine.scheduling.gpus import cuda_index, visible_device_names
+from engine.training.execution import ExecutionOptions
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class WorkerSetup:
     data_dir: str | None
     options: FusedOptions
     threads: int
+    execution: ExecutionOptions | None = None
 
 
 # ---------------------------------------------------------------- worker side
@@ -143,7 +146,7 @@ def train_unit(
     torch.set_flush_denormal(True)
     device, gpu = _worker_device()
     data = _data_context(setup.dataset, setup.data_dir)
-    executor = InProcessExecutor(data, device, setup.options)
+    executor = InProcessExecutor(data, device, setup.options, setup.execution)
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "gpu": gpu}
     try:
         for job, record, predictions in executor.run(jobs, parent_d2):
@@ -379,6 +382,9 @@ class RayExecutor:
         max_retries: times Ray runs a task again after its worker died.
         object_store_bytes: object store size of a local instance (None: Ray's default).
         train_fn: the generator function each task runs; None runs ``train_unit``.
+        execution: loader, layout, compilation and autotuning of every task; its
+            thread count is the task's, so autotuning never changes it. None trains
+            as a plain eager loop.
     """
 
     def __init__(
@@ -393,6 +399,7 @@ class RayExecutor:
         max_retries: int = DEFAULT_MAX_RETRIES,
         object_store_bytes: int | None = None,
         train_fn: Callable[..., Iterator[UnitResult]] | None = None,
+        execution: ExecutionOptions | None = None,
     ) -> None:
         if workers is not None and gpus is not None:
             raise UsageError("give workers or gpus, not both")
@@ -428,7 +435,9 @@ class RayExecutor:
             self.mode = "local CPU workers"
             self._start_on_local_cpus(workers, object_store_bytes)
         self._started_ray = self._owns_ray
-        self._setup = WorkerSetup(dataset, data_dir, self.options, self.threads)
+        # The task's thread count is fixed, so a result does not depend on the worker.
+        self.execution = None if execution is None else dataclasses.replace(execution, threads=self.threads)
+        self._setup = WorkerSetup(dataset, data_dir, self.options, self.threads, self.execution)
         log.info(
             "Ray (%s): %d tasks at once; per task: %d torch threads, %d GPU, up to %d retries",
             self.mode, self.slots, self.threads, self._gpus_per_task, max_retries,
@@ -583,6 +592,7 @@ class RayExecutor:
             "gpus_per_task": self._gpus_per_task,
             "max_retries": self.max_retries,
             "fused": self.options.to_dict(),
+            "execution": None if self.execution is None else self.execution.to_dict(),
             "units_submitted": self._units,
             "nodes": [vars(node) for node in self.nodes],
             "networks_by_worker": dict(sorted(self._networks_by_worker.items())),

@@ -11,21 +11,13 @@ from typing import Any
 
 import torch
 
+from engine.arguments import positive_int
 from engine.errors import UsageError
 from engine.experiments.jobs import DataContext
 from engine.experiments.runner import Executor, InProcessExecutor
 from engine.fused.trainer import FusedOptions
 from engine.scheduling.gpus import parse_gpus, resolve_gpus
-
-
-def _worker_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a number of workers >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1; give a number of workers >= 1")
-    return value
+from engine.training.execution import ExecutionOptions
 
 
 def add_scale_out_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -36,7 +28,7 @@ def add_scale_out_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
         "arrives, so an interrupted run resumes like a local one.",
     )
     group.add_argument(
-        "--workers", type=_worker_count, metavar="N",
+        "--workers", type=positive_int, metavar="N",
         help="train on N CPU workers of a local Ray instance, each with (CPU cores / N) torch threads; "
              "with --cluster, N CPU tasks at once across the cluster (default: train in this process)",
     )
@@ -85,6 +77,7 @@ def make_executor(
     workers: int | None,
     gpus: str | None,
     cluster: str | None,
+    execution: ExecutionOptions | None = None,
     **ray_options: Any,
 ) -> Executor:
     """Return the executor that the scale-out options ask for.
@@ -97,6 +90,8 @@ def make_executor(
         workers: CPU workers (``--workers``).
         gpus: GPU list (``--gpus``), checked against this machine's GPUs before Ray starts.
         cluster: Ray cluster address (``--cluster``).
+        execution: loader, layout, compilation, threads and autotuning, passed to the
+            workers as well; None trains as a plain eager loop.
         ray_options: more keyword arguments of ``RayExecutor``, e.g. ``max_retries``.
 
     Returns:
@@ -109,12 +104,13 @@ def make_executor(
             unreachable, or more workers than CPU cores are asked for.
     """
     if workers is None and gpus is None and cluster is None:
-        return InProcessExecutor(DataContext(dataset, data_dir), device, options)
+        return InProcessExecutor(DataContext(dataset, data_dir), device, options, execution)
     gpu_ids = resolve_gpus(gpus) if gpus is not None else None
     from engine.scheduling.ray_executor import RayExecutor
 
     return RayExecutor(
-        data_dir, dataset, options, workers=workers, gpus=gpu_ids, cluster=cluster, **ray_options
+        data_dir, dataset, options, workers=workers, gpus=gpu_ids, cluster=cluster, execution=execution,
+        **ray_options,
     )
 
 

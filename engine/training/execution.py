@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from engine.arguments import positive_int
 from engine.errors import UsageError
 
 LOADERS = ("tensor", "ffcv", "dali")
@@ -119,16 +120,6 @@ class ExecutionOptions:
         )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive; give a whole number >= 1")
-    return value
-
-
 def add_execution_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add the execution options to ``parser`` as one argument group and return the group."""
     group = parser.add_argument_group(
@@ -147,7 +138,7 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
         help="torch.compile mode of the model (default: measured by autotuning, else off)",
     )
     group.add_argument(
-        "--threads", type=_positive_int, default=None,
+        "--threads", type=positive_int, default=None,
         help="CPU threads per training (default: measured by autotuning between 1 and the "
         "process's count, else the process's count)",
     )

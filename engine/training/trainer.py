@@ -18,7 +18,7 @@ from engine.data.splits import to_float
 from engine.errors import UsageError
 from engine.training.config import TrainConfig
 from engine.training.execution import ExecutionOptions
-from engine.training.schedule import STOP_DIVERGED, STOP_TARGET, PlateauSchedule
+from engine.training.schedule import STOP_TARGET, PlateauSchedule
 
 log = logging.getLogger(__name__)
 
