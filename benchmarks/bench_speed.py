@@ -81,15 +81,20 @@ def summary(request):
                     reporter.write_line(row)
 
 
+def _real_data_dir() -> str:
+    """Return the folder of real CIFAR-10: ``$ENGINE_DATA_DIR`` or ``../shared/data``, or skip."""
+    repo = Path(__file__).resolve().parents[1]
+    for candidate in (os.environ.get("ENGINE_DATA_DIR"), repo.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "cifar-10-batches-py" / "data_batch_1").is_file():
+            return str(candidate)
+    pytest.skip("real CIFAR-10 not found: set ENGINE_DATA_DIR")
+
+
 def _real_cifar():
     """Return real CIFAR-10 from ``$ENGINE_DATA_DIR`` or ``../shared/data``, or skip."""
     from engine.data import load_dataset
 
-    repo = Path(__file__).resolve().parents[1]
-    for candidate in (os.environ.get("ENGINE_DATA_DIR"), repo.parent / "shared" / "data"):
-        if candidate and (Path(candidate) / "cifar-10-batches-py" / "data_batch_1").is_file():
-            return load_dataset("cifar10", candidate)
-    pytest.skip("real CIFAR-10 not found: set ENGINE_DATA_DIR")
+    return load_dataset("cifar10", _real_data_dir())
 
 
 # ---------------------------------------------------------------- loaders
@@ -239,6 +244,26 @@ def _grid(cifar, split, train, predict_labels) -> tuple[float, list[float]]:
     return time.perf_counter() - started, agreements
 
 
+def _recipe_path(store_dir: Path) -> float:
+    """Run the same grid as the recipe command does: run_plan, fused groups, autotuning; return its wall time."""
+    from engine.experiments.jobs import DataContext
+    from engine.experiments.plan import build_plan
+    from engine.experiments.recipes import load_recipe
+    from engine.experiments.runner import InProcessExecutor, run_plan
+    from engine.results.store import RunStore
+
+    models = tuple(f"shallow_cnn_w{width}" for width in E2E_WIDTHS)
+    recipe = load_recipe("table10").narrowed(n1=models, n2=models, seeds=1)
+    plan = build_plan(recipe, TrainConfig(max_epochs=E2E_EPOCHS), E2E_SUBSET)
+    data = DataContext("cifar10", _real_data_dir())
+    data.split(0, E2E_SUBSET)  # loads the data before the clock starts, as the grids above
+    started = time.perf_counter()
+    executor = InProcessExecutor(data, DEVICE, execution=ExecutionOptions())
+    report = run_plan(plan, RunStore(store_dir), executor, progress=False)
+    assert len(report.trained) == len(plan.jobs)
+    return time.perf_counter() - started
+
+
 @pytest.mark.benchmark(group="end_to_end")
 def test_end_to_end_table10_like(benchmark, monkeypatch, tmp_path):
     from engine.data import make_split
@@ -258,12 +283,14 @@ def test_end_to_end_table10_like(benchmark, monkeypatch, tmp_path):
     engine_warm_s, _ = benchmark.pedantic(
         _grid, args=(cifar, split, _engine_train, predict), rounds=1, iterations=1
     )
+    # The recipe command's path: jobs bucketed per width, autotuned with the group size.
+    recipe_s = _recipe_path(tmp_path / "run")
     # bf16 autocast changes the protocol's precision: only with the user's --amp bf16.
     engine_bf16_s, bf16_agree = _grid(cifar, split, _engine_train_bf16, _predict_bf16)
     networks = len(E2E_WIDTHS) * (1 + len(E2E_WIDTHS))
     benchmark.extra_info.update(
         plain_s=plain_s, plain_one_thread_s=plain_one_thread_s, engine_cold_s=engine_cold_s, engine_warm_s=engine_warm_s,
-        engine_bf16_s=engine_bf16_s, threads=torch.get_num_threads(),
+        engine_bf16_s=engine_bf16_s, recipe_s=recipe_s, threads=torch.get_num_threads(),
         load_average_start=load, load_average_end=os.getloadavg()[0],
     )
     rows = _ROWS["end_to_end"]
@@ -276,6 +303,7 @@ def test_end_to_end_table10_like(benchmark, monkeypatch, tmp_path):
     rows.append(f"plain loop, 1 thread     {plain_one_thread_s:7.1f} s   {plain_s / plain_one_thread_s:5.2f}x")
     rows.append(f"engine, autotune cold    {engine_cold_s:7.1f} s   {plain_s / engine_cold_s:5.2f}x faster than the plain loop")
     rows.append(f"engine, autotune cached  {engine_warm_s:7.1f} s   {plain_s / engine_warm_s:5.2f}x")
+    rows.append(f"recipe path (run_plan)   {recipe_s:7.1f} s   {plain_s / recipe_s:5.2f}x (cache filled; fusion chosen)")
     rows.append(
         f"engine, --amp bf16       {engine_bf16_s:7.1f} s   {plain_s / engine_bf16_s:5.2f}x "
         "(autotune cold for bf16; the precision is part of the protocol)"

@@ -243,12 +243,30 @@ def _finish_budget(budget: BudgetPlan, deadline: Deadline, report: RunReport, pl
     described = {job.key: job.describe() for job in plan.jobs}
     for key in report.not_computed:
         log.info("  not computed: %s", described[key])
+    short = _cells_short_of_runs(plan, set(report.not_computed))
+    for cell in short:
+        log.info("  cell short of runs: %s", cell)
     atomic_write_text(out / "budget.json", json.dumps({
         **budget.to_dict(),
         "used_s": round(used_s, 1),
         "usage": line,
         "not_computed": [described[key] for key in report.not_computed],
+        "cells_short_of_runs": short,
     }, indent=1))
+
+
+def _cells_short_of_runs(plan: Plan, left_out: set[str]) -> list[str]:
+    """Describe each cell of the grid that lacks seeds because networks were left out, with the count."""
+    missing: dict[tuple, int] = {}
+    for cell in plan.cells:
+        if cell.n1_key in left_out or cell.n2_key in left_out:
+            index = (cell.n1, cell.n2, cell.regime, cell.n1_batch_size, cell.epoch)
+            missing[index] = missing.get(index, 0) + 1
+    lines = []
+    for (n1, n2, regime, batch, epoch), count in missing.items():
+        where = f"N1 {n1} x N2 {n2}, {regime}, N1 batch {batch}" + (f", epoch {epoch}" if epoch is not None else "")
+        lines.append(f"{where}: {count} of {plan.recipe.seeds} seeds missing")
+    return lines
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -364,7 +366,7 @@ def test_report_usage_text(recipe, data, tmp_path):
     line = report_usage(budget, used_s=budget.total_s * 1.25, not_computed=3)
     assert "planned" in line
     assert "used" in line
-    assert "-20%" in line, line
+    assert "20% below the time used" in line, line
     assert "3 networks not computed" in line
     over = plan(recipe, budget.total_s, RunStore(tmp_path / "over"), data)
     assert "over the budget" in report_usage(over, used_s=2 * over.budget_s)
@@ -426,3 +428,185 @@ def test_calibrate_real_is_cached():
     assert again.measure_time_s < 0.05
     with pytest.raises(KeyError, match="not calibrated"):
         first.speed("shallow_cnn_w32", 64)
+
+
+# -- the runner under a deadline ---------------------------------------------------
+
+
+class ClockedExecutor:
+    """Yields a made-up result per job and advances the fake clock by the job's seconds."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.calls: list[list[str]] = []
+
+    def run(self, jobs, parent_d2, stop=None):
+        self.calls.append([job.key for job in jobs])
+        for job in jobs:
+            self.clock.now += self.seconds
+            record = {
+                "key": job.key, "config": job.config(), "status": "ok", "failure": None,
+                "stop_reason": "target_error", "epochs": 1, "final_train_error": 0.0, "wall_time_s": self.seconds,
+            }
+            d2 = np.zeros(500, dtype=np.int16)
+            yield job, record, {"d2": d2, "d3": np.zeros(500, dtype=np.int16)}
+
+    def describe(self):
+        return {}
+
+
+def test_runner_admits_kinds_that_fit_and_lists_the_rest(recipe, tmp_path):
+    clock = FakeClock()
+    network_plan = build_plan(recipe, TrainConfig(), 500)
+    estimates = {job.key: 10.0 for job in network_plan.jobs}
+    deadline = Deadline(55, clock=clock)
+    executor = ClockedExecutor(clock, seconds=10.0)
+    report = run_plan(network_plan, RunStore(tmp_path), executor, progress=False, deadline=deadline,
+                      estimates=estimates)
+    # 4 N1 (2 widths x 2 seeds): the first kind (2 jobs, 20 s) and the second (20 s) fit in 55 s.
+    # Then 15 s are left, the pace is 1: one N2 of the first N2 kind fits, nothing after it.
+    by_model = {}
+    for job in network_plan.n1_jobs:
+        by_model.setdefault(job.model, []).append(job.key)
+    assert executor.calls[:2] == list(by_model.values())
+    assert len(report.trained) == 5
+    assert sorted(report.trained + report.not_computed) == sorted(job.key for job in network_plan.jobs)
+    assert all(len(call) <= 2 for call in executor.calls)
+
+
+def test_runner_leaves_out_n2_of_skipped_n1(recipe, tmp_path):
+    clock = FakeClock()
+    network_plan = build_plan(recipe, TrainConfig(), 500)
+    estimates = {job.key: 30.0 for job in network_plan.jobs}
+    report = run_plan(network_plan, RunStore(tmp_path), ClockedExecutor(clock, 30.0), progress=False,
+                      deadline=Deadline(60, clock=clock), estimates=estimates)
+    trained_n1 = {key for key in report.trained}
+    for job in network_plan.n2_jobs:
+        if job.parent not in trained_n1:
+            assert job.key in report.not_computed
+    assert len(report.trained) == 2
+
+
+def test_runner_stops_starting_networks_past_the_hard_limit(recipe, tmp_path):
+    clock = FakeClock()
+    network_plan = build_plan(recipe, TrainConfig(), 500)
+    # Estimates far too low: all N1 are admitted, but each takes 40 s of a 60 s budget.
+    estimates = {job.key: 1.0 for job in network_plan.jobs}
+    report = run_plan(network_plan, RunStore(tmp_path), ClockedExecutor(clock, 40.0), progress=False,
+                      deadline=Deadline(60, clock=clock), estimates=estimates)
+    # The second network ends at 80 s, past 66 s: nothing is started after it.
+    assert len(report.trained) == 2
+    assert len(report.not_computed) == len(network_plan.jobs) - 2
+
+
+# -- the command line --------------------------------------------------------------
+
+
+def cli_run(argv, data_dir, out, capsys):
+    from engine import recipe as cli
+
+    code = cli.main([*argv, "--data-dir", str(data_dir), "--out", str(out)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--budget", "30x"], "invalid budget '30x'; give a duration with a unit"),
+        (["--budget", "5m", "--subset", "500"], "--budget 5m chooses the subset itself and contradicts --subset 500"),
+        (["--budget", "5m", "--workers", "2"], "--budget 5m plans for training in this process"),
+    ],
+)
+def test_cli_budget_errors(extra, expected, data_dir, tmp_path, capsys):
+    code, err = cli_run(["table1", *extra], data_dir, tmp_path / "run", capsys)
+    assert code == 2
+    assert expected in err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cli_full_grid_tiny_budget_says_needed_budget(data_dir, tmp_path, capsys):
+    started = time.perf_counter()
+    code, err = cli_run(["table10", "--budget", "1m", "--quiet"], data_dir, tmp_path / "run", capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: the grid needs about "), line
+    needed = parse_budget(line.split("give --budget ")[1].split()[0])
+    assert needed > 60
+    assert not (tmp_path / "run").exists(), "nothing may be trained or written"
+    # Only the plain steps of the 7 widths were timed, not tuned nor fused.
+    assert "timed as a plain eager loop" in line
+    assert time.perf_counter() - started < 60
+
+
+@pytest.mark.slow
+def test_cli_budget_run_saves_plan_and_usage(data_dir, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    argv = ["table1", "--n1", "shallow_cnn_w16", "--n2", "shallow_cnn_w16", "--regimes", "true_data",
+            "--seeds", "1", "--max-epochs", "60", "--budget", "45s", "--quiet", "--no-autotune", "--no-fuse"]
+    code, err = cli_run(argv, data_dir, out, capsys)
+    if code == 2 and "the grid needs about" in err:
+        pytest.skip(f"this machine is too slow for a 45 s budget now: {err.strip()}")
+    assert code == 0, err
+    saved = json.loads((out / "budget.json").read_text())
+    assert saved["jobs"] == 2
+    assert saved["used_s"] > 0
+    assert "planned" in saved["usage"] and "used" in saved["usage"]
+    assert saved["calibration"]["tuned"] is True
+    run = json.loads((out / "run.json").read_text())
+    assert run["subset"] == saved["subset"]
+    assert run["train"]["max_epochs"] == saved["max_epochs"]
+    stored = RunStore(out)
+    assert len(list(stored.keys())) + len(saved["not_computed"]) == 2
+    assert "budget 45s: training on" in caplog.text
+    assert "budget 45s: planned" in caplog.text
+    table = (out / "table.md").read_text()
+    if saved["subset"] is not None:
+        assert f"{saved['subset']:,}" in table or str(saved["subset"]) in table
+
+
+def test_run_job_abandoned_when_time_is_up(data_dir):
+    from engine.experiments.deadline import TimeUp
+    from engine.experiments.jobs import run_job
+    from engine.experiments.plan import NetworkJob
+
+    data = DataContext("cifar10", str(data_dir))
+    job = NetworkJob("n1", "shallow_cnn_w16", "cifar10", 0, 100, "true_data", TrainConfig(max_epochs=50))
+    asked = []
+
+    def stop() -> bool:
+        asked.append(True)
+        return len(asked) >= 3
+
+    with pytest.raises(TimeUp, match="epoch 3"):
+        run_job(job, data, torch.device("cpu"), stop=stop)
+    assert len(asked) == 3
+
+
+def test_fused_group_yields_finished_members_then_stops(data_dir):
+    from engine.experiments.deadline import TimeUp
+    from engine.experiments.plan import NetworkJob
+    from engine.fused.trainer import train_group
+
+    data = DataContext("cifar10", str(data_dir))
+    # One member stops at a cap of 2 epochs, the other would train 50.
+    jobs = [
+        NetworkJob("n1", "shallow_cnn_w16", "cifar10", 0, 100, "true_data", TrainConfig(max_epochs=2)),
+        NetworkJob("n1", "shallow_cnn_w16", "cifar10", 1, 100, "true_data", TrainConfig(max_epochs=50)),
+    ]
+    epochs = []
+
+    def stop() -> bool:
+        epochs.append(True)
+        return len(epochs) > 3
+
+    results = train_group(jobs, data, "cpu", stop=stop)
+    job, record, predictions = next(results)
+    assert job.key == jobs[0].key
+    assert record["epochs"] == 2
+    assert "d3" in predictions
+    with pytest.raises(TimeUp, match="1 shallow_cnn_w16 members of a fused group"):
+        next(results)

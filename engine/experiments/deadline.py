@@ -12,8 +12,17 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 from engine.experiments.plan import NetworkJob
 
-# The run may end this share past the budget, because jobs in progress at the budget finish.
+# The run may end this share past the budget: a network in progress when the budget
+# is spent may finish, until this limit.
 TOLERANCE = 0.10
+
+
+class TimeUp(Exception):
+    """Raised at an epoch's end inside a training once the run's time limit has passed.
+
+    The network in training is not saved: cut off before its stop rule, it would
+    not be comparable. The runner lists it as not computed.
+    """
 
 
 class Deadline:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from engine.data.datasets import Dataset, load_dataset
 from engine.data.splits import Split, make_split, n1_training_set
+from engine.experiments.deadline import TimeUp
 from engine.experiments.plan import NetworkJob
 from engine.models import create_model
 from engine.training.execution import ExecutionOptions
@@ -110,11 +111,13 @@ def run_job(
     device: torch.device,
     parent_d2: np.ndarray | None = None,
     execution: ExecutionOptions | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Train one network alone and return its record and predictions.
 
     ``execution`` picks the loader, layout, compilation and threads (see
-    ``train_network``); None trains as a plain eager loop.
+    ``train_network``); None trains as a plain eager loop. ``stop`` is asked after
+    every epoch; when it returns True the training ends with :class:`TimeUp`.
 
     For each of ``job.checkpoints`` the predictions at the end of that epoch are
     kept too, as ``d2@E`` and ``d3@E``. A network that stopped before epoch E is
@@ -124,14 +127,16 @@ def run_job(
     model = build_model(job, data)
     checkpoints: dict[str, np.ndarray] = {}
 
-    def keep_checkpoint(epoch: int, error: float, network: torch.nn.Module) -> None:
+    def after_epoch(epoch: int, error: float, network: torch.nn.Module) -> None:
+        if stop is not None and stop():
+            raise TimeUp(f"time limit reached in epoch {epoch} of {job.describe()}")
         if epoch in job.checkpoints:
             for name, values in predictions_of(network, job, data, device).items():
                 if not name.endswith("_labels"):
                     checkpoints[f"{name}@{epoch}"] = values
             network.train()
 
-    on_epoch = keep_checkpoint if job.checkpoints else None
+    on_epoch = after_epoch if job.checkpoints or stop is not None else None
     outcome = train_network(
         model, images, labels, job.train, job.order_seed, device, on_epoch=on_epoch, execution=execution
     )

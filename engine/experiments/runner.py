@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.experiments.deadline import Deadline, admit_jobs
+from engine.experiments.deadline import Deadline, TimeUp, admit_jobs
 from engine.experiments.jobs import DataContext, run_job
 from engine.experiments.plan import NetworkJob, Plan
 from engine.fused.strategy import GroupChoice
@@ -59,17 +59,25 @@ class InProcessExecutor:
         self.choices: list[GroupChoice] = []
         self.tuning: list[TuneResult] = []
 
-    def run(self, jobs: list[NetworkJob], parent_d2: Mapping[str, np.ndarray]) -> Iterator[JobResult]:
+    def run(
+        self,
+        jobs: list[NetworkJob],
+        parent_d2: Mapping[str, np.ndarray],
+        stop: Callable[[], bool] | None = None,
+    ) -> Iterator[JobResult]:
+        """Train ``jobs``; ``stop``, asked after every epoch, abandons the trainings in progress with ``TimeUp``."""
         # Checkpointed N1 (learning curves) keep per-epoch predictions, which only the
         # one-network trainer records.
         for job in jobs:
             if job.checkpoints:
-                record, predictions = run_job(job, self.data, self.device, parent_d2.get(job.key), self.execution)
+                record, predictions = run_job(
+                    job, self.data, self.device, parent_d2.get(job.key), self.execution, stop
+                )
                 yield job, record, predictions
         rest = [job for job in jobs if not job.checkpoints]
         yield from run_jobs(
             rest, self.data, self.device, parent_d2, self.options, self.choices.append,
-            execution=self.execution, on_tune=self.tuning.append,
+            execution=self.execution, on_tune=self.tuning.append, stop=stop,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -135,9 +143,10 @@ def run_plan(
     With a ``deadline`` (a time budget), each role's jobs go to the executor one
     kind (model and batch size) at a time, and a kind starts only with the jobs whose
     ``estimates`` (seconds by key), scaled by the pace measured so far, end within the
-    budget. Once the budget's hard limit has passed no further network is started;
-    the networks in progress when it passes still finish and are saved. Jobs left
-    out are listed in ``RunReport.not_computed``.
+    budget. Networks in progress when the budget's hard limit passes are abandoned
+    at their next epoch's end (cut off before the stop rule, they would not be
+    comparable), and no further network starts. Jobs left out are listed in
+    ``RunReport.not_computed``. The executor must accept ``stop`` in its ``run``.
     """
     report = RunReport()
     started = time.perf_counter()
@@ -158,9 +167,10 @@ def run_plan(
             _leave_out(left)
             if not admitted:
                 continue
-            began = time.perf_counter()
-            saved = _save_stream(executor.run(admitted, parent_d2), stop=deadline.past_hard_limit)
-            deadline.record(sum((estimates or {}).get(key, 0.0) for key in saved), time.perf_counter() - began)
+            began = deadline.elapsed()
+            results = executor.run(admitted, parent_d2, stop=deadline.past_hard_limit)  # type: ignore[call-arg]
+            saved = _save_stream(results, stop=deadline.past_hard_limit)
+            deadline.record(sum((estimates or {}).get(key, 0.0) for key in saved), deadline.elapsed() - began)
             _leave_out([job for job in admitted if job.key not in saved])
 
     def _leave_out(jobs: Iterable[NetworkJob]) -> None:
@@ -174,12 +184,15 @@ def run_plan(
         # garbage collection.
         saved = set()
         with contextlib.closing(results):
-            for job, record, predictions in results:
-                _save(job, record, predictions)
-                saved.add(job.key)
-                if stop is not None and stop():
-                    log.warning("time budget spent: no further network is started")
-                    break
+            try:
+                for job, record, predictions in results:
+                    _save(job, record, predictions)
+                    saved.add(job.key)
+                    if stop is not None and stop():
+                        log.warning("time limit reached: no further network is started")
+                        break
+            except TimeUp as exc:
+                log.warning("%s; the networks in training are not saved", exc)
         return saved
 
     def _save(job: NetworkJob, record: dict, predictions: dict) -> None:

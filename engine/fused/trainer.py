@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engine.data.splits import to_float
+from engine.experiments.deadline import TimeUp
 from engine.experiments.jobs import (
     DataContext,
     build_model,
@@ -193,9 +194,11 @@ class _FusedGroup:
         device: torch.device,
         parent_d2: Mapping[str, np.ndarray | None] | None,
         options: FusedOptions,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         self.data = data
         self.device = device
+        self.stop = stop
         self.options = options
         self.started = time.perf_counter()
         self.precision = jobs[0].train.precision
@@ -245,6 +248,12 @@ class _FusedGroup:
             len(set(self.sets.set_index)), "shared" if self.shared_generator is not None else "independent",
         )
         while not all(member.done for member in self.members):
+            # Asked after the finished members were yielded and saved, so only the
+            # members still training are lost.
+            if self.stop is not None and self.stop():
+                active = sum(not member.done for member in self.members)
+                model = self.members[0].job.model
+                raise TimeUp(f"time limit reached while {active} {model} members of a fused group trained")
             losses, mistakes = self._train_epoch()
             exact = self._exact_errors() if any(m.job.train.exact_train_error for m in self.members) else None
             finished = []
@@ -366,6 +375,7 @@ def train_group(
     device: torch.device | str,
     parent_d2: Mapping[str, np.ndarray | None] | None = None,
     options: FusedOptions | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[JobResult]:
     """Train ``jobs`` as one fused group and yield ``(job, record, predictions)`` as each finishes.
 
@@ -377,6 +387,8 @@ def train_group(
         parent_d2: for each N2 job's key, its parent N1's predictions on D2.
         options: ``share_batches`` and ``repack_fraction``; ``group_size`` is ignored
             (the group is ``jobs``).
+        stop: asked before every epoch; when it returns True the members still
+            training are abandoned with :class:`TimeUp`.
 
     Each member's record is built with ``make_record`` (trainer ``"fused G=<size>"``),
     with ``wall_time_s`` counted from the start of the group. A member that diverges
@@ -388,7 +400,7 @@ def train_group(
     """
     device = torch.device(device)
     _check_group(jobs, device)
-    group = _FusedGroup(jobs, data, device, parent_d2, options or FusedOptions())
+    group = _FusedGroup(jobs, data, device, parent_d2, options or FusedOptions(), stop)
     yield from group.run()
 
 
@@ -419,6 +431,7 @@ def run_jobs(
     on_choice: Callable[[GroupChoice], None] | None = None,
     execution: ExecutionOptions | None = None,
     on_tune: Callable[[TuneResult], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[JobResult]:
     """Train ``jobs``, fused where it pays, and yield ``(job, record, predictions)`` as each finishes.
 
@@ -443,6 +456,8 @@ def run_jobs(
             one network at a time, because fused groups gather their batches from
             the tensors themselves.
         on_tune: called with each bucket's autotune result.
+        stop: asked after every epoch of every training; when it returns True the
+            networks in training are abandoned with :class:`TimeUp`.
     """
     device = torch.device(device)
     options = options or FusedOptions()
@@ -462,7 +477,7 @@ def run_jobs(
                 on_tune(tuned)
         if on_choice is not None:
             on_choice(choice)
-        for job, record, predictions in _train_bucket(bucket, choice, data, device, parent_d2, options, tuned):
+        for job, record, predictions in _train_bucket(bucket, choice, data, device, parent_d2, options, tuned, stop):
             if tuned is not None:
                 record["autotune"] = tuned.to_dict()
             yield job, record, predictions
@@ -476,12 +491,13 @@ def _train_bucket(
     parent_d2: Mapping[str, np.ndarray | None],
     options: FusedOptions,
     tuned: TuneResult | None,
+    stop: Callable[[], bool] | None,
 ) -> Iterator[JobResult]:
     """Train a bucket in groups of the chosen size, with the tuned options where there are any."""
     single = tuned.options if tuned is not None else None
     if choice.group_size == 1:
         for job in bucket:
-            record, predictions = run_job(job, data, device, parent_d2.get(job.key), single)
+            record, predictions = run_job(job, data, device, parent_d2.get(job.key), single, stop)
             yield job, record, predictions
         return
     if options.share_batches:
@@ -491,11 +507,11 @@ def _train_bucket(
         bucket = sorted(bucket, key=lambda job: (job.seed, job.role, job.regime == "random_images"))
     for chunk in _balanced_chunks(bucket, choice.group_size):
         if len(chunk) == 1:
-            record, predictions = run_job(chunk[0], data, device, parent_d2.get(chunk[0].key), single)
+            record, predictions = run_job(chunk[0], data, device, parent_d2.get(chunk[0].key), single, stop)
             yield chunk[0], record, predictions
         else:
             with thread_count(single.threads if single is not None else torch.get_num_threads()):
-                yield from train_group(chunk, data, device, parent_d2, options)
+                yield from train_group(chunk, data, device, parent_d2, options, stop)
 
 
 def _fusable(job: NetworkJob, data: DataContext, device: torch.device) -> bool:

@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 import torch
 
@@ -64,12 +64,14 @@ RUN_OVERHEAD_S = 3.0
 # a time (groups have at most 128 members). When even this speed-up could not make the
 # smallest protocol fit, the planner rejects the grid without measuring group sizes.
 MAX_FUSED_SPEEDUP = 64.0
-# NOTE: an assumed bound on how much faster tuned options (layout, compilation,
-# threads) and fused groups together train than the plain eager step. On a 2-core
-# CPU tuning gave up to 1.8x and fusion up to 1.5x. When even this speed-up could not
-# make the smallest protocol fit, the planner rejects the grid after timing only the
-# plain step, so a hopeless budget is answered in seconds.
-MAX_UNTUNED_SPEEDUP = 16.0
+# NOTE: assumed bounds, per device type, on how much faster tuned options (layout,
+# compilation, threads) and fused groups together train than the plain eager step.
+# On a 2-core CPU tuning gave up to 1.8x and fusion up to 2.1x; on a GPU fusing many
+# small networks may gain far more, so there the bound is the fusion bound times 4.
+# When even this speed-up could not make the smallest protocol at the lowest cap fit,
+# the planner rejects the grid after timing only the plain step, within seconds.
+MAX_UNTUNED_SPEEDUP = {"cpu": 16.0}
+MAX_UNTUNED_SPEEDUP_OTHER = 4 * MAX_FUSED_SPEEDUP
 
 
 class BudgetError(UsageError):
@@ -271,9 +273,14 @@ def finished_runs(store: RunStore, full_split_size: int) -> list[FinishedRun]:
 
 
 def _bucket_sizes(jobs: Iterable[NetworkJob]) -> dict[tuple[str, str, int], int]:
-    """Count jobs per (role, model, batch size): the runner trains each role in one executor call."""
+    """Count jobs per (role, model, batch size), the jobs the runner gives the executor in one call.
+
+    Checkpointed N1 (learning curves) train one at a time and are left out.
+    """
     sizes: dict[tuple[str, str, int], int] = {}
     for job in jobs:
+        if job.checkpoints:
+            continue
         key = (job.role, job.model, job.train.batch_size)
         sizes[key] = sizes.get(key, 0) + 1
     return sizes
@@ -306,7 +313,7 @@ def estimate_jobs(
         done = store is not None and store.has(job.key)
         seconds = 0.0
         if not done:
-            bucket = buckets[job.role, job.model, batch]
+            bucket = 1 if job.checkpoints else buckets[job.role, job.model, batch]
             seconds = calibration.training_seconds(job.model, batch, images_per_split, epochs, bucket)
             predictions = (1 + len(job.checkpoints)) * (images_per_split + d3_images)
             if job.train.exact_train_error:
@@ -341,9 +348,23 @@ def _cap_candidates(max_epochs: int) -> list[int]:
     return caps
 
 
-def _fused_buckets(recipe: Recipe, train: TrainConfig, options: FusedOptions | None) -> dict[tuple[str, int], list[int]]:
-    """Return the bucket sizes per (model, batch size), or none when the run trains one network at a time."""
+def _fused_buckets(
+    recipe: Recipe,
+    train: TrainConfig,
+    options: FusedOptions | None,
+    execution: ExecutionOptions | None,
+    device: torch.device | str,
+) -> dict[tuple[str, int], list[int]]:
+    """Return the bucket sizes per (model, batch size), or none when the run trains one network at a time.
+
+    As in the runner: a fixed group size 1, a loader other than ``tensor`` and fp16
+    on CUDA train one network at a time.
+    """
     if options is not None and options.group_size == 1:
+        return {}
+    if execution is not None and execution.loader != "tensor":
+        return {}
+    if train.precision == "fp16" and torch.device(device).type == "cuda":
         return {}
     buckets: dict[tuple[str, int], list[int]] = {}
     for (_, model, batch), size in _bucket_sizes(build_plan(recipe, train, None).jobs).items():
@@ -389,7 +410,7 @@ def _calibrate_for(
     device: torch.device | str,
     spec: InputSpec,
     options: FusedOptions | None,
-    floor_training_s: Callable[[Calibration], float],
+    floor_training_s: Callable[[Calibration, int], float],
     budget_s: float,
     execution: ExecutionOptions | None,
     floor: int,
@@ -409,14 +430,15 @@ def _calibrate_for(
     # The plain eager step first: when even the fastest options could not make the
     # smallest protocol fit, the planner rejects the grid without tuning anything.
     plain = calibrate(models, spec, batches, device, precision=train.precision)
-    if floor_training_s(plain) / MAX_UNTUNED_SPEEDUP > budget_s:
+    bound = MAX_UNTUNED_SPEEDUP.get(torch.device(device).type, MAX_UNTUNED_SPEEDUP_OTHER)
+    if floor_training_s(plain, min(MIN_EPOCH_CAP, train.max_epochs)) / bound > budget_s:
         return plain
     tuning = {"execution": execution, "planned_steps": planned}
     calibration = calibrate(models, spec, batches, device, precision=train.precision, **tuning)
     calibration.measure_time_s += plain.measure_time_s
-    buckets = _fused_buckets(recipe, train, options)
+    buckets = _fused_buckets(recipe, train, options, execution, device)
     fusable = any(size > 1 for sizes in buckets.values() for size in sizes)
-    if not fusable or floor_training_s(calibration) / MAX_FUSED_SPEEDUP > budget_s:
+    if not fusable or floor_training_s(calibration, train.max_epochs) / MAX_FUSED_SPEEDUP > budget_s:
         return calibration
     fused = calibrate(
         models, spec, batches, device, precision=train.precision, fused_buckets=buckets,
@@ -476,14 +498,18 @@ def plan_within_budget(
     floor = floor_per_class * num_classes
     if calibration is None:
 
-        def floor_training_s(measured: Calibration) -> float:
-            plan = build_plan(recipe, train, floor)
+        def floor_training_s(measured: Calibration, cap: int) -> float:
+            capped = TrainConfig.from_dict({**train.to_dict(), "max_epochs": cap})
+            plan = build_plan(recipe, capped, floor)
             return sum(job.seconds for job in estimate_jobs(plan, measured, floor, floor, num_classes, store, finished))
 
         calibration = _calibrate_for(
             recipe, train, device, data_ctx.dataset.spec, options, floor_training_s, budget_s, execution, floor
         )
     estimator = _Estimator(recipe, train, budget_s, data_ctx, store, calibration, finished, spent_s, safety)
+    if execution is not None and not calibration.tuned:
+        # Only the plain step was timed: even the fastest options could not fit.
+        _reject(estimator, floor, floor_per_class, train.max_epochs, budget_s, safety, calibration)
 
     # A subset draws its images from each split, D3 included.
     limit = min(len(full.d1), len(full.d3))
@@ -501,11 +527,19 @@ def plan_within_budget(
             log.info("budget plan: subset %s, cap %d, estimated %.0f s of %.0f s", subset, cap, budget_plan.total_s, budget_s)
             return budget_plan
 
-    needed = estimator.plan(floor, train.max_epochs, []).total_s / safety
+    _reject(estimator, floor, floor_per_class, train.max_epochs, budget_s, safety, calibration)
+
+
+def _reject(
+    estimator: _Estimator, floor: int, floor_per_class: int, max_epochs: int, budget_s: float, safety: float,
+    calibration: Calibration,
+) -> NoReturn:
+    """Raise ``BudgetError`` with the budget the floor subset needs at the requested cap."""
+    needed = estimator.plan(floor, max_epochs, []).total_s / safety
     timed = " timed as a plain eager loop" if not calibration.tuned else ""
     raise BudgetError(
         f"the grid needs about {format_duration(needed)}{timed} at the smallest protocol ({floor_per_class} images "
-        f"per class, {train.max_epochs} epochs), more than the budget of {format_duration(budget_s)}; "
+        f"per class, {max_epochs} epochs), more than the budget of {format_duration(budget_s)}; "
         f"give --budget {format_duration(needed)} or narrow the grid",
         needed,
     )
@@ -523,13 +557,17 @@ def _split_exists(data_ctx: DataContext, subset: int) -> bool:
 def report_usage(plan: BudgetPlan, used_s: float, not_computed: int = 0) -> str:
     """Return one line comparing the planned with the used time of a run."""
     error = 100.0 * (plan.total_s - used_s) / used_s if used_s > 0 else 0.0
+    side = "above" if error >= 0 else "below"
     line = (
         f"budget {format_duration(plan.budget_s)}: planned {format_duration(plan.total_s)}, "
         f"used {format_duration(used_s)} ({100 * used_s / plan.budget_s:.0f}% of the budget; "
-        f"estimate {error:+.0f}% of the time used)"
+        f"the estimate was {abs(error):.0f}% {side} the time used)"
     )
     if used_s > plan.budget_s * (1.0 + TOLERANCE):
         line += f"; over the budget by more than {100 * TOLERANCE:.0f}%"
     if not_computed:
-        line += f"; {not_computed} networks not computed for lack of time (rerun with a larger --budget to add them)"
+        line += (
+            f"; {not_computed} networks not computed for lack of time (the same command run again "
+            "trains them and reuses the networks already trained)"
+        )
     return line

@@ -11,6 +11,7 @@ repeats the survey that fitted the constants.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import re
@@ -78,7 +79,18 @@ class ModelSpeed:
         """Return the seconds of one epoch over ``n_images`` when ``bucket_jobs`` such jobs train together."""
         steps = math.ceil(n_images / self.batch_size)
         one_network = steps * self.fixed_s + n_images / self.batch_size * (self.step_s - self.fixed_s)
-        return one_network * self.member_step_s.get(bucket_jobs, self.step_s) / self.step_s
+        return one_network * self.member_step_s_for(bucket_jobs) / self.step_s
+
+    def member_step_s_for(self, bucket_jobs: int) -> float:
+        """Return the seconds per step and member for a bucket of ``bucket_jobs``.
+
+        A bucket size that was not measured (a resumed run trains fewer jobs than its
+        plan) takes the largest measured bucket below it, else one network at a time.
+        """
+        if bucket_jobs in self.member_step_s:
+            return self.member_step_s[bucket_jobs]
+        smaller = [size for size in self.member_step_s if size < bucket_jobs]
+        return self.member_step_s[max(smaller)] if smaller else self.step_s
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -182,6 +194,9 @@ def measure_step(
     threads = candidate.threads if candidate is not None else torch.get_num_threads()
     with torch.random.fork_rng(devices=[]), thread_count(threads):
         step = _make_step(model, spec, batch_size, device, precision, candidate)
+        if candidate is not None and candidate.compile != "off":
+            # Compiles (or loads the compiled code): a one-time cost, not a step's.
+            step(0)
         started = time.perf_counter()
         step(0)  # allocations and kernel selection happen on the first call
         _synchronize(device)
@@ -192,7 +207,9 @@ def measure_step(
             step_s = _median_step_seconds(step, device, 0.75 * budget_s, windows)
         small = batch_size // 8
         if warm_up_s <= budget_s and small >= 1:
-            small_step = _make_step(model, spec, small, device, precision, candidate, pool=4 * batch_size)
+            # The trainers run an epoch's smaller last batch eager, so it is timed eager.
+            eager = None if candidate is None else dataclasses.replace(candidate, compile="off")
+            small_step = _make_step(model, spec, small, device, precision, eager, pool=4 * batch_size)
             small_step(0)
             small_s = _median_step_seconds(small_step, device, 0.25 * budget_s, 1)
             share = small / batch_size
