@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 
@@ -271,3 +272,15 @@ def test_bf16_learnability_within_seed_noise(cifar):
         f"bf16 learnability {bf16.round(1)} vs fp32 {fp32.round(1)}: mean differs by "
         f"{difference:.1f} points, seed std {seed_noise:.1f}"
     )
+
+
+def test_tune_skips_group_sizes_for_tiny_work(tmp_path):
+    # Two epochs of 128 images for 4 jobs: a few seconds of work cannot repay measuring group sizes.
+    result = autotune.tune(
+        "shallow_cnn_w16", CIFAR10, TrainConfig(max_epochs=2), n_train=128, n_jobs=4, device="cpu",
+        options=ExecutionOptions(), cache=tmp_path / "a.json",
+    )
+    assert result.group.group_size == 1
+    assert result.group.reason == "planned work too small to repay measuring group sizes"
+    large = autotune.too_small_to_measure_groups(dataclasses.replace(result, planned_steps=10**6), 64)
+    assert not large

@@ -27,7 +27,14 @@ from engine.fused.modules import is_fusable
 from engine.fused.strategy import FUSED_MARGIN, choose_group_size, make_plain_step, measure_throughput, template_model
 from engine.models import create_model
 from engine.models.registry import InputSpec
-from engine.training.autotune import Candidate, TuneResult, make_step, thread_count, tune_module
+from engine.training.autotune import (
+    Candidate,
+    TuneResult,
+    make_step,
+    thread_count,
+    too_small_to_measure_groups,
+    tune_module,
+)
 from engine.training.execution import ExecutionOptions
 
 log = logging.getLogger(__name__)
@@ -315,7 +322,7 @@ def _tuned_options(
         network = create_model(model, spec)
     return tune_module(
         network, (spec.channels, spec.height, spec.width), batch_size, precision, device, execution,
-        planned_steps=planned_steps, name=model,
+        planned_steps=planned_steps, label=model,
     )
 
 
@@ -345,6 +352,8 @@ def _add_fused_speeds(
             continue
         if group_size is not None:
             chosen = min(group_size, bucket)
+        elif tuned is not None and too_small_to_measure_groups(tuned, speed.batch_size):
+            chosen = 1
         else:
             choice = choose_group_size(speed.model, spec, speed.batch_size, bucket, device, shared=shared, precision=precision)
             chosen = choice.group_size

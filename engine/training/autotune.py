@@ -68,6 +68,12 @@ MAX_STEPS_PER_WINDOW = 50
 # much shorter than the best eager step. The best gain of torch.compile seen for
 # the shallow CNN on a 2-core CPU was 1.8x, a 44% shorter step.
 ASSUMED_COMPILE_SAVING = 0.4
+# Group sizes are measured only if fusion could repay the measurement (about
+# GROUP_MEASURE_S seconds, the total budget of ``choose_group_size``) by saving this
+# share of the planned work. NOTE: an assumed bound; on a 2-core CPU no fused group
+# size was seen to save that much over the tuned one-network step.
+ASSUMED_FUSED_SAVING = 0.5
+GROUP_MEASURE_S = 3.0
 # Compilation seconds assumed before one was measured on this machine. A shallow
 # CNN took 3.5 to 44 s on a busy 2-core CPU (PyTorch 2.13), and zoo models take longer.
 COMPILE_COST_PRIOR_S = 30.0
@@ -379,6 +385,7 @@ def tune_module(
     name: str | None = None,
     cache: Path | str | None | bool = None,
     budget_s: float = BUDGET_S,
+    label: str | None = None,
 ) -> TuneResult:
     """Choose the layout and compilation of ``model``'s training on ``device`` by timing copies of it.
 
@@ -393,9 +400,11 @@ def tune_module(
         planned_steps: training steps the choice is for (all jobs together).
         full_batches: whether there is a full batch at all; without one nothing
             would run compiled (the smaller last batch runs eager).
-        name: architecture name for the cache key (default: class and parameter shapes).
+        name: architecture name for the cache key (default: class and parameter
+            shapes, so equal architectures share their measurements).
         cache: cache file path, None for ``cache_path()``, False for no cache file.
         budget_s: timing seconds per candidate after its warm-up step.
+        label: the model's name in the log (default: ``name``, else the cache key's name).
     """
     device = torch.device(device)
     started = time.perf_counter()
@@ -487,11 +496,25 @@ def tune_module(
     )
     log.info(
         "autotune %s (%s): %s; images/s %s%s",
-        name or architecture_name(model), "measured" if measured else "from cache", best.label,
+        label or name or architecture_name(model), "measured" if measured else "from cache", best.label,
         ", ".join(f"{label} {value:.0f}" for label, value in result.images_per_s.items()),
         f"; compile s {', '.join(f'{k} {v:.1f}' for k, v in result.compile_s.items())}" if result.compile_s else "",
     )
     return result
+
+
+def too_small_to_measure_groups(result: TuneResult, batch_size: int) -> bool:
+    """Return whether even a large fused speed-up could not repay measuring group sizes.
+
+    Judged like compilation: the planned eager seconds at the tuned speed, times the
+    saving fusion could bring, against the seconds the measurement takes. Without a
+    measured speed (options fixed by the user) the group sizes are measured.
+    """
+    speed = result.images_per_s.get(result.chosen.label)
+    if not speed:
+        return False
+    planned_s = result.planned_steps * batch_size / speed
+    return planned_s * ASSUMED_FUSED_SAVING < GROUP_MEASURE_S
 
 
 def tune(
@@ -530,7 +553,7 @@ def tune(
         result = tune_module(
             model, input_shape, config.batch_size, config.precision, device, options,
             planned_steps=steps * config.max_epochs * n_jobs, full_batches=n_train >= config.batch_size,
-            name=model_name, cache=cache,
+            cache=cache, label=model_name,
         )
 
     fusable = is_fusable(template_model(model_name, spec)) and not (config.precision == "fp16" and device.type == "cuda")
@@ -539,6 +562,9 @@ def tune(
         group = fixed_choice(model_name, device, batch, group_size, precision, shared_batches, "fixed")
     elif not fusable or n_jobs == 1:
         reason = "not fusable" if not fusable else "single job"
+        group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, reason)
+    elif too_small_to_measure_groups(result, batch):
+        reason = "planned work too small to repay measuring group sizes"
         group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, reason)
     else:
         group = choose_group_size(model_name, spec, batch, n_jobs, device, shared=shared_batches, precision=precision)
