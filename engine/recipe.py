@@ -236,37 +236,26 @@ def _check_budget(args: argparse.Namespace) -> float | None:
 
 
 def _finish_budget(budget: BudgetPlan, deadline: Deadline, report: RunReport, plan: Plan, out: Path) -> None:
-    """Report planned against used time, list the networks not computed, and save both in budget.json."""
+    """Report planned against used time and what is missing, save both in budget.json, add LaTeX and figures."""
+    from engine.report import find_incomplete_cells
+    from engine.report import main as write_full_report
+
     used_s = deadline.elapsed()
     line = report_usage(budget, used_s, len(report.not_computed))
     log.info("%s", line)
     described = {job.key: job.describe() for job in plan.jobs}
     for key in report.not_computed:
         log.info("  not computed: %s", described[key])
-    short = _cells_short_of_runs(plan, set(report.not_computed))
-    for cell in short:
-        log.info("  cell short of runs: %s", cell)
+    incomplete, _ = find_incomplete_cells(plan, RunStore(out))
     atomic_write_text(out / "budget.json", json.dumps({
         **budget.to_dict(),
         "used_s": round(used_s, 1),
         "usage": line,
         "not_computed": [described[key] for key in report.not_computed],
-        "cells_short_of_runs": short,
+        "incomplete_cells": [cell.describe() for cell in incomplete],
     }, indent=1))
-
-
-def _cells_short_of_runs(plan: Plan, left_out: set[str]) -> list[str]:
-    """Describe each cell of the grid that lacks seeds because networks were left out, with the count."""
-    missing: dict[tuple, int] = {}
-    for cell in plan.cells:
-        if cell.n1_key in left_out or cell.n2_key in left_out:
-            index = (cell.n1, cell.n2, cell.regime, cell.n1_batch_size, cell.epoch)
-            missing[index] = missing.get(index, 0) + 1
-    lines = []
-    for (n1, n2, regime, batch, epoch), count in missing.items():
-        where = f"N1 {n1} x N2 {n2}, {regime}, N1 batch {batch}" + (f", epoch {epoch}" if epoch is not None else "")
-        lines.append(f"{where}: {count} of {plan.recipe.seeds} seeds missing")
-    return lines
+    # A budgeted grid is a finished experiment: write its LaTeX table, missing.txt and figures too.
+    write_full_report([str(out)])
 
 
 if __name__ == "__main__":

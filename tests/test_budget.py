@@ -563,6 +563,9 @@ def test_cli_budget_run_saves_plan_and_usage(data_dir, tmp_path, capsys, caplog)
     assert len(list(stored.keys())) + len(saved["not_computed"]) == 2
     assert "budget 45s: training on" in caplog.text
     assert "budget 45s: planned" in caplog.text
+    assert "incomplete_cells" in saved
+    assert (out / "table.tex").is_file()
+    assert (out / "missing.txt").is_file()
     table = (out / "table.md").read_text()
     if saved["subset"] is not None:
         assert f"{saved['subset']:,}" in table or str(saved["subset"]) in table
