@@ -29,7 +29,7 @@ from engine.experiments.plan import Plan, build_plan
 from engine.experiments.recipes import list_recipes, load_recipe
 from engine.experiments.runner import RunReport, run_plan
 from engine.fused.trainer import FusedOptions
-from engine.results.report import describe_trainers, write_report
+from engine.results.report import describe_threads, describe_trainers, write_report
 from engine.results.store import RunStore, atomic_write_text
 from engine.scheduling import (
     WorkerLostError,
@@ -205,13 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         close_executor(executor)
     atomic_write_text(out / "execution.json", json.dumps(executor.describe(), indent=1))
     summary["trainers"] = describe_trainers(plan, store)
+    summary["threads"] = describe_threads(plan, store) or summary.get("threads")
     _, table = write_report(plan, store, summary)
     print(table)
     log.info(
-        "trained %d, reused %d, failed %d, blocked %d in %.0f s; wrote %s and %s "
-        "(python -m engine.report %s adds LaTeX and figures)",
+        "trained %d, reused %d, failed %d, blocked %d in %.0f s; wrote %s and %s%s",
         len(report.trained), len(report.reused), len(report.failed), len(report.blocked),
-        report.wall_time_s, out / "summary.csv", out / "table.md", out,
+        report.wall_time_s, out / "summary.csv", out / "table.md",
+        "" if budget is not None else f" (python -m engine.report {out} adds LaTeX and figures)",
     )
     if budget is not None and deadline is not None:
         _finish_budget(budget, deadline, report, plan, out)

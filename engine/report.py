@@ -22,7 +22,7 @@ from engine.errors import UsageError
 from engine.experiments.plan import Plan, build_plan
 from engine.experiments.recipes import Recipe
 from engine.results.latex import render_latex
-from engine.results.report import describe_trainers, report_paths, write_report
+from engine.results.report import describe_threads, describe_trainers, report_paths, write_report
 from engine.results.store import RunStore
 from engine.training.config import TrainConfig
 
@@ -184,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # run.json is written before training, so it lacks the trainers that table.md names.
         execution.setdefault("trainers", describe_trainers(plan, store))
+        execution["threads"] = describe_threads(plan, store) or execution.get("threads")
         rows, _ = write_report(plan, store, execution)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         print(
@@ -202,7 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_figures:
         from engine.results.figures import write_figures  # matplotlib loads only when drawing
 
-        written += write_figures(plan, rows, run_dir / "figures")
+        figures = write_figures(plan, rows, run_dir / "figures")
+        if not figures:
+            print(
+                f"no figures for {plan.recipe.name}: figures are drawn for N1 x N2 grids, learning curves, "
+                "distinct-prediction histograms and class shares"
+            )
+        written += figures
     print(missing, end="")
     for path in written:
         print(f"wrote {path}")

@@ -186,8 +186,15 @@ def test_planner_rejects_with_needed_budget(recipe, data, tmp_path):
     needed = caught.value.needed_s
     assert isinstance(caught.value, UsageError)
     assert f"--budget {format_duration(needed)}" in message, message
-    assert "50 images per class, 500 epochs" in message, message
+    assert "50 images per class and epoch cap 500" in message, message
+    assert "with the epoch cap lowered to 20" in message, message
     assert "\n" not in message
+    least = parse_budget(message.split("(at least ")[1].split()[0])
+    # The least budget trains, at a lowered cap; just below it nothing does.
+    lowered = plan(recipe, least, RunStore(tmp_path / "least"), data)
+    assert lowered.cap_lowered
+    with pytest.raises(BudgetError):
+        plan(recipe, 0.9 * least, RunStore(tmp_path / "below"), data)
     budget = plan(recipe, parse_budget(format_duration(needed)), RunStore(tmp_path / "again"), data)
     assert budget.subset is not None and budget.subset >= FLOOR_PER_CLASS * 10
     assert not budget.cap_lowered

@@ -36,6 +36,7 @@ def run(argv, capsys):
         (["table1", "--device", "tpu"], "unknown device 'tpu'"),
         (["table1", "--device", "cuda:3"], "no CUDA GPU is available"),
         (["table1", "--subset", "40000"], "--subset 40000 exceeds"),
+        (["table1", "--subset", "7"], "--subset 7 is smaller than the 10 classes of cifar10; give at least 10"),
         (["table14", "--n1", "vgg11"], "model 'vgg11' cannot run on mnist"),
         (["table1", "--bogus"], "unrecognized arguments: --bogus"),
     ],

@@ -42,7 +42,17 @@ def test_options_reach_every_record(data_dir, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["execution_options"]["channels_last"] is True
     assert run["execution_options"]["autotune"] is False
-    assert "channels_last" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "channels_last" in table
+    assert "threads 1," in table
+
+
+def test_no_autotune_trains_one_at_a_time(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(["--no-autotune"], data_dir, out) == 0
+    for record in records(out):
+        assert record["trainer"] == "single"
+        assert record["autotune"]["group"]["reason"] == "autotuning off"
 
 
 def test_autotune_choice_saved(data_dir, tmp_path):

@@ -70,6 +70,11 @@ def make_split(dataset: Dataset, seed: int, subset: int | None = None) -> Split:
         train_y = dataset.train_labels.numpy()
         test_y = dataset.test_labels.numpy()
         classes = dataset.num_classes
+        if subset < classes:
+            raise UsageError(
+                f"--subset {subset} is smaller than the {classes} classes of {dataset.name}; "
+                f"give at least {classes}, a multiple of {classes} for equal classes"
+            )
         d1 = _balanced(d1, train_y, subset, classes, rng, "D1")
         d2 = _balanced(d2, train_y, subset, classes, rng, "D2")
         # D3 is the test set itself in the protocol, the same for every seed. Its subset is

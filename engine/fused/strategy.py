@@ -389,10 +389,11 @@ def choose_group_size(
         time.perf_counter() - started,
     )
     log.info(
-        "group size for %s (batch %d, %s, %s batches) on %s: G=%d; images/s by G: %s",
+        "group size for %s (batch %d, %s, %s batches) on %s: G=%d",
         model_name, batch_size, precision, "shared" if shared else "independent", device, group_size,
-        ", ".join(f"{g}: {v:.0f}" for g, v in sorted(measured.items())),
     )
+    log.debug("group size for %s: images/s by G: %s", model_name,
+              ", ".join(f"{g}: {v:.0f}" for g, v in sorted(measured.items())))
     return choice
 
 

@@ -27,6 +27,13 @@ def describe_trainers(plan: Plan, store: RunStore) -> str:
     return ", ".join(f"{trainer} x {n}" for trainer, n in sorted(counts.items())) or "none yet"
 
 
+def describe_threads(plan: Plan, store: RunStore) -> str | None:
+    """Return the CPU thread counts the plan's stored networks trained with, e.g. ``1`` or ``1, 2``."""
+    counts = {store.record(job.key).get("threads") for job in plan.jobs if store.has(job.key)}
+    counts.discard(None)
+    return ", ".join(str(count) for count in sorted(counts)) or None
+
+
 def _trainer_label(record: dict) -> str:
     """Return the trainer of a record with the execution options that differ from a plain eager loop."""
     execution = record.get("execution") or {}

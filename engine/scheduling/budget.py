@@ -206,7 +206,9 @@ class BudgetPlan:
         fixed_s = self.spent_s + self.calibration.measure_time_s + self.overhead_s
 
         lines = [
-            f"budget {format_duration(self.budget_s)}: training on {scale}, {cap}.",
+            f"budget {format_duration(self.budget_s)}: training on {scale}, {cap}; the estimate may take "
+            f"{100 * self.safety:.0f}% of the budget ({format_duration(self.safety * self.budget_s)}), the rest "
+            "absorbs estimation errors.",
             f"  {self.n_jobs} networks ({n1} N1 + {self.n_jobs - n1} N2), {self.n_jobs - self.n_to_train} already "
             f"trained; estimated {format_duration(self.total_s)} ({100 * self.total_s / self.budget_s:.0f}% of the "
             f"budget): {format_duration(self.training_s)} training, {format_duration(fixed_s)} start-up, "
@@ -357,12 +359,14 @@ def _fused_buckets(
 ) -> dict[tuple[str, int], list[int]]:
     """Return the bucket sizes per (model, batch size), or none when the run trains one network at a time.
 
-    As in the runner: a fixed group size 1, a loader other than ``tensor`` and fp16
-    on CUDA train one network at a time.
+    As in the runner: a fixed group size 1, a loader other than ``tensor``, autotuning
+    off without a group size, and fp16 on CUDA train one network at a time.
     """
     if options is not None and options.group_size == 1:
         return {}
     if execution is not None and execution.loader != "tensor":
+        return {}
+    if execution is not None and not execution.autotune and (options is None or options.group_size is None):
         return {}
     if train.precision == "fp16" and torch.device(device).type == "cuda":
         return {}
@@ -534,12 +538,22 @@ def _reject(
     estimator: _Estimator, floor: int, floor_per_class: int, max_epochs: int, budget_s: float, safety: float,
     calibration: Calibration,
 ) -> NoReturn:
-    """Raise ``BudgetError`` with the budget the floor subset needs at the requested cap."""
+    """Raise ``BudgetError`` with the budget the floor subset needs at the requested cap, and at the lowest cap.
+
+    The first keeps the stop rule for every network the estimate expects to reach
+    it, so it is the budget suggested; the second is the least the planner accepts,
+    with the cells of capped runs marked.
+    """
     needed = estimator.plan(floor, max_epochs, []).total_s / safety
-    timed = " timed as a plain eager loop" if not calibration.tuned else ""
+    lowest_cap = min(MIN_EPOCH_CAP, max_epochs)
+    least = estimator.plan(floor, lowest_cap, []).total_s / safety
+    timed = ", timed as a plain eager loop," if not calibration.tuned else ""
+    at_lowest = ""
+    if lowest_cap < max_epochs:
+        at_lowest = f" (at least {format_duration(least)} with the epoch cap lowered to {lowest_cap}, cells marked)"
     raise BudgetError(
-        f"the grid needs about {format_duration(needed)}{timed} at the smallest protocol ({floor_per_class} images "
-        f"per class, {max_epochs} epochs), more than the budget of {format_duration(budget_s)}; "
+        f"the grid needs about {format_duration(needed)}{timed} at {floor_per_class} images per class and epoch cap "
+        f"{max_epochs}{at_lowest}, more than the budget of {format_duration(budget_s)}; "
         f"give --budget {format_duration(needed)} or narrow the grid",
         needed,
     )

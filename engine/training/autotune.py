@@ -494,9 +494,13 @@ def tune_module(
         skipped, {label: failed[label] for label in failed if label in {c.label for c in eager + compiled}},
         "measured" if measured else "cache", time.perf_counter() - started, planned_steps,
     )
+    shown = label or name or architecture_name(model)
     log.info(
-        "autotune %s (%s): %s; images/s %s%s",
-        label or name or architecture_name(model), "measured" if measured else "from cache", best.label,
+        "autotune %s (%s): %s at %.0f images/s", shown, "measured" if measured else "from cache", best.label,
+        speeds[best.label],
+    )
+    log.debug(
+        "autotune %s: images/s %s%s", shown,
         ", ".join(f"{label} {value:.0f}" for label, value in result.images_per_s.items()),
         f"; compile s {', '.join(f'{k} {v:.1f}' for k, v in result.compile_s.items())}" if result.compile_s else "",
     )
@@ -563,6 +567,8 @@ def tune(
     elif not fusable or n_jobs == 1:
         reason = "not fusable" if not fusable else "single job"
         group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, reason)
+    elif not options.autotune:
+        group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, "autotuning off")
     elif too_small_to_measure_groups(result, batch):
         reason = "planned work too small to repay measuring group sizes"
         group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, reason)
@@ -572,8 +578,9 @@ def tune(
         fused = group.images_per_s.get(group.group_size, 0.0)
         if group.group_size > 1 and single is not None and fused < FUSED_MARGIN * single:
             log.info(
-                "autotune %s: tuned one-network training (%.0f images/s) beats fused G=%d (%.0f images/s)",
-                model_name, single, group.group_size, fused,
+                "autotune %s: fused G=%d (%.0f images/s) is not %.0f%% faster than tuned one-network training "
+                "(%.0f images/s); training one at a time",
+                model_name, group.group_size, fused, 100 * (FUSED_MARGIN - 1), single,
             )
             group = dataclasses.replace(group, group_size=1, reason="tuned one-network faster")
     result.group = group
