@@ -138,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         execution.check_device(device, train.precision)
         check_loader(execution.loader)
+        _check_cache_dir(execution.cache_dir)
         data_dir = resolve_data_dir(args.data_dir)
         load_dataset(recipe.dataset, data_dir)  # fail on missing data before anything trains
         data = DataContext(recipe.dataset, str(data_dir))
@@ -163,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _warn_if_protocol_changed(out, train, subset)
     store = RunStore(out)
     summary = execution_summary(executor, device)
     if args.share_batches:
@@ -217,6 +219,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if budget is not None and deadline is not None:
         _finish_budget(budget, deadline, report, plan, out)
     return 0
+
+
+def _check_cache_dir(cache_dir: str | None) -> None:
+    """Raise ``UsageError`` if the loaders' cache folder cannot be created or written."""
+    if cache_dir is None:
+        return
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(cache_dir) / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"--loader-cache {cache_dir!r} cannot be written ({exc.strerror or exc}); give a writable folder"
+        ) from None
+
+
+def _warn_if_protocol_changed(out: Path, train: TrainConfig, subset: int | None) -> None:
+    """Warn when ``out`` holds networks of another subset or protocol, which this run's report will not show."""
+    previous_file = out / "run.json"
+    if not previous_file.is_file():
+        return
+    try:
+        previous = json.loads(previous_file.read_text())
+        changed = previous["subset"] != subset or TrainConfig.from_dict(previous["train"]) != train
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if changed:
+        held = sum(1 for _ in (out / "networks").glob("*.json")) if (out / "networks").is_dir() else 0
+        log.warning(
+            "%s holds %d networks of another protocol (subset %s, epoch cap %s); this run uses subset %s, "
+            "epoch cap %d, so they stay on disk but this run's report does not show them; give another --out "
+            "to keep both reports",
+            out, held, previous.get("subset"), previous.get("train", {}).get("max_epochs"), subset, train.max_epochs,
+        )
 
 
 def _check_budget(args: argparse.Namespace) -> float | None:

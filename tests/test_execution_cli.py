@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -132,3 +133,22 @@ def test_plain_options_train_as_the_default_path(data_dir):
         assert record_a["train_errors"] == record_b["train_errors"]
         np.testing.assert_array_equal(predictions_a["d3"], predictions_b["d3"])
         assert record_b["autotune"]["source"] == "fixed"
+
+
+def test_unwritable_loader_cache_exit_2(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = run_cli(["--loader-cache", str(blocker / "cache")], data_dir, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--loader-cache '{blocker / 'cache'}' cannot be written" in err
+    assert err.count("\n") == 1, err
+
+
+def test_other_protocol_in_folder_warned(data_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert run_cli(["--no-autotune"], data_dir, out) == 0
+    caplog.set_level(logging.WARNING)
+    assert run_cli(["--no-autotune", "--max-epochs", "2"], data_dir, out) == 0
+    assert "holds 4 networks of another protocol (subset 100, epoch cap 3)" in caplog.text
+    assert len(records(out)) == 8
