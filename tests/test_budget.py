@@ -620,3 +620,25 @@ def test_fused_group_yields_finished_members_then_stops(data_dir):
     assert "d3" in predictions
     with pytest.raises(TimeUp, match="1 shallow_cnn_w16 members of a fused group"):
         next(results)
+
+
+def test_hopeless_grid_stops_timing_early(recipe, data, monkeypatch):
+    import engine.scheduling.budget as budget_module
+    from engine.training.execution import ExecutionOptions
+
+    timed = []
+
+    def slow_calibrate(models, spec, batches, device, **kwargs):
+        # A step of 10 s, and 11 s spent timing it: past the patience after the first pair.
+        model, batch = models[0], batches[0]
+        timed.append((model, batch))
+        return Calibration("cpu", {(model, batch): ModelSpeed(model, batch, 10.0)}, measure_time_s=11.0)
+
+    monkeypatch.setattr(budget_module, "calibrate", slow_calibrate)
+    with pytest.raises(BudgetError) as caught:
+        plan_within_budget(recipe, TrainConfig(), 60.0, "cpu", None, data, execution=ExecutionOptions())
+    message = str(caught.value)
+    assert timed == [("shallow_cnn_w16", 64)]
+    assert message.startswith("the grid needs more than "), message
+    assert "the networks of shallow_cnn_w16 at batch 64 alone need that" in message
+    assert caught.value.needed_s > 60

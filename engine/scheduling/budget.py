@@ -29,7 +29,7 @@ import torch
 from engine.errors import UsageError
 from engine.experiments.deadline import TOLERANCE
 from engine.experiments.jobs import DataContext
-from engine.experiments.plan import N2_BATCH_SIZE, NetworkJob, Plan, build_plan
+from engine.experiments.plan import NetworkJob, Plan, build_plan
 from engine.experiments.recipes import Recipe
 from engine.fused.trainer import FusedOptions
 from engine.models.registry import InputSpec
@@ -71,6 +71,10 @@ MAX_FUSED_SPEEDUP = 64.0
 # When even this speed-up could not make the smallest protocol at the lowest cap fit,
 # the planner rejects the grid after timing only the plain step, within seconds.
 MAX_UNTUNED_SPEEDUP = {"cpu": 16.0}
+# A hopeless grid stops being timed once timing has taken this long, or this share of
+# the budget if that is longer; it is then refused with a lower bound of what it needs.
+EARLY_REJECT_AFTER_S = 10.0
+EARLY_REJECT_SHARE = 0.1
 MAX_UNTUNED_SPEEDUP_OTHER = 4 * MAX_FUSED_SPEEDUP
 
 
@@ -401,6 +405,8 @@ class _Estimator:
         d3 = len(full.d3) if subset is None else subset
         capped = TrainConfig.from_dict({**self.train.to_dict(), "max_epochs": max_epochs})
         plan = build_plan(self.recipe, capped, subset)
+        if not self.calibration.complete:
+            plan = _timed_jobs(plan, self.calibration)
         jobs = estimate_jobs(plan, self.calibration, n, d3, self.num_classes, self.store, self.finished)
         return BudgetPlan(
             self.budget_s, subset, n, max_epochs, self.train.max_epochs, self.num_classes, jobs,
@@ -425,32 +431,61 @@ def _calibrate_for(
     the run, which weighs compilation against the steps of the smallest protocol.
     """
     floor_plan = build_plan(recipe, train, floor)
-    models = sorted({job.model for job in floor_plan.jobs})
-    batches = sorted(set(recipe.n1_batch_sizes) | {N2_BATCH_SIZE})
     planned: dict[tuple[str, int], int] = {}
     for job in floor_plan.jobs:
         key = (job.model, job.train.batch_size)
         planned[key] = planned.get(key, 0) + math.ceil(floor / job.train.batch_size) * job.train.max_epochs
-    # The plain eager step first: when even the fastest options could not make the
-    # smallest protocol fit, the planner rejects the grid without tuning anything.
-    plain = calibrate(models, spec, batches, device, precision=train.precision)
+    # The plain eager step first, one (model, batch size) pair at a time: as soon as
+    # the networks of the pairs timed so far could not fit the smallest protocol even
+    # at the fastest options, the planner rejects the grid without timing the rest.
+    # Timing stops early only once it has taken a while, so a cheap grid still gets
+    # the full estimate of the budget it needs.
     bound = MAX_UNTUNED_SPEEDUP.get(torch.device(device).type, MAX_UNTUNED_SPEEDUP_OTHER)
-    if floor_training_s(plain, min(MIN_EPOCH_CAP, train.max_epochs)) / bound > budget_s:
-        return plain
+    patience_s = max(EARLY_REJECT_AFTER_S, EARLY_REJECT_SHARE * budget_s)
+    plain = Calibration(str(torch.device(device)), {})
+    for model, batch in sorted(planned):
+        part = calibrate([model], spec, [batch], device, precision=train.precision)
+        plain.speeds.update(part.speeds)
+        plain.measure_time_s += part.measure_time_s
+        hopeless = floor_training_s(plain, min(MIN_EPOCH_CAP, train.max_epochs)) / bound > budget_s
+        if hopeless and (plain.measure_time_s >= patience_s or len(plain.speeds) == len(planned)):
+            plain.complete = len(plain.speeds) == len(planned)
+            return plain
     tuning = {"execution": execution, "planned_steps": planned}
-    calibration = calibrate(models, spec, batches, device, precision=train.precision, **tuning)
+    calibration = _calibrate_pairs(planned, spec, device, train.precision, tuning)
     calibration.measure_time_s += plain.measure_time_s
     buckets = _fused_buckets(recipe, train, options, execution, device)
     fusable = any(size > 1 for sizes in buckets.values() for size in sizes)
     if not fusable or floor_training_s(calibration, train.max_epochs) / MAX_FUSED_SPEEDUP > budget_s:
         return calibration
-    fused = calibrate(
-        models, spec, batches, device, precision=train.precision, fused_buckets=buckets,
-        share_batches=bool(options and options.share_batches), group_size=options.group_size if options else None,
-        **tuning,
-    )
+    fused = _calibrate_pairs(planned, spec, device, train.precision, {
+        **tuning, "fused_buckets": buckets, "share_batches": bool(options and options.share_batches),
+        "group_size": options.group_size if options else None,
+    })
     fused.measure_time_s += calibration.measure_time_s
     return fused
+
+
+def _calibrate_pairs(
+    pairs: Iterable[tuple[str, int]], spec: InputSpec, device: torch.device | str, precision: str,
+    arguments: Mapping[str, Any],
+) -> Calibration:
+    """Calibrate each (model, batch size) pair the plan trains, and no other combination."""
+    merged = Calibration(str(torch.device(device)), {})
+    for model, batch in sorted(pairs):
+        part = calibrate([model], spec, [batch], device, precision=precision, **arguments)
+        merged.speeds.update(part.speeds)
+        merged.measure_time_s += part.measure_time_s
+        merged.tuned = part.tuned
+    return merged
+
+
+def _timed_jobs(plan: Plan, calibration: Calibration) -> Plan:
+    """Return ``plan`` with only the jobs whose (model, batch size) ``calibration`` has timed."""
+    timed = [job for job in plan.jobs if (job.model, job.train.batch_size) in calibration.speeds]
+    return dataclasses.replace(
+        plan, n1_jobs=[job for job in timed if job.role == "n1"], n2_jobs=[job for job in timed if job.role == "n2"]
+    )
 
 
 def plan_within_budget(
@@ -503,8 +538,9 @@ def plan_within_budget(
     if calibration is None:
 
         def floor_training_s(measured: Calibration, cap: int) -> float:
+            """Estimate the floor subset's training at ``cap``, over the jobs whose steps were timed."""
             capped = TrainConfig.from_dict({**train.to_dict(), "max_epochs": cap})
-            plan = build_plan(recipe, capped, floor)
+            plan = _timed_jobs(build_plan(recipe, capped, floor), measured)
             return sum(job.seconds for job in estimate_jobs(plan, measured, floor, floor, num_classes, store, finished))
 
         calibration = _calibrate_for(
@@ -548,6 +584,15 @@ def _reject(
     lowest_cap = min(MIN_EPOCH_CAP, max_epochs)
     least = estimator.plan(floor, lowest_cap, []).total_s / safety
     timed = ", timed as a plain eager loop," if not calibration.tuned else ""
+    if not calibration.complete:
+        pairs = ", ".join(f"{model} at batch {batch}" for model, batch in sorted(calibration.speeds))
+        raise BudgetError(
+            f"the grid needs more than {format_duration(needed)} at {floor_per_class} images per class and epoch "
+            f"cap {max_epochs} (more than {format_duration(least)} with the cap lowered to {lowest_cap}): the "
+            f"networks of {pairs} alone need that, timed as a plain eager loop, so the rest was not timed; "
+            f"narrow the grid or give a budget well above {format_duration(needed)}",
+            needed,
+        )
     at_lowest = ""
     if lowest_cap < max_epochs:
         at_lowest = f" (at least {format_duration(least)} with the epoch cap lowered to {lowest_cap}, cells marked)"

@@ -120,6 +120,8 @@ class Calibration:
     measure_time_s: float = 0.0
     # Whether the steps were timed under the run's execution options (else: plain eager).
     tuned: bool = False
+    # False when timing stopped early, so some (model, batch size) pairs of the run are absent.
+    complete: bool = True
 
     def speed(self, model: str, batch_size: int) -> ModelSpeed:
         try:
@@ -142,6 +144,7 @@ class Calibration:
             "device": self.device,
             "measure_time_s": round(self.measure_time_s, 3),
             "tuned": self.tuned,
+            "complete": self.complete,
             "speeds": [speed.to_dict() for _, speed in sorted(self.speeds.items())],
         }
 
