@@ -237,7 +237,7 @@ def _check_cache_dir(cache_dir: str | None) -> None:
 
 
 def _warn_if_protocol_changed(out: Path, train: TrainConfig, subset: int | None) -> None:
-    """Warn when ``out`` holds networks of another subset or protocol, which this run's report will not show."""
+    """Warn when ``out`` contains networks of another subset or protocol, which this run's report omits."""
     previous_file = out / "run.json"
     if not previous_file.is_file():
         return
@@ -247,12 +247,12 @@ def _warn_if_protocol_changed(out: Path, train: TrainConfig, subset: int | None)
     except (OSError, ValueError, KeyError, TypeError):
         return
     if changed:
-        held = sum(1 for _ in (out / "networks").glob("*.json")) if (out / "networks").is_dir() else 0
+        stored = sum(1 for _ in (out / "networks").glob("*.json")) if (out / "networks").is_dir() else 0
         log.warning(
-            "%s holds %d networks of another protocol (subset %s, epoch cap %s); this run uses subset %s, "
+            "%s contains %d networks of another protocol (subset %s, epoch cap %s); this run uses subset %s, "
             "epoch cap %d, so they stay on disk but this run's report does not show them; give another --out "
             "to keep both reports",
-            out, held, previous.get("subset"), previous.get("train", {}).get("max_epochs"), subset, train.max_epochs,
+            out, stored, previous.get("subset"), previous.get("train", {}).get("max_epochs"), subset, train.max_epochs,
         )
 
 

@@ -63,7 +63,7 @@ def test_parse_budget_invalid(text):
 
 
 @pytest.mark.parametrize("seconds", [0.4, 59.2, 60, 61, 750, 3599.5, 3600, 7801, 86400 + 5])
-def test_format_duration_reads_back_rounded_up(seconds):
+def test_format_duration_round_trip(seconds):
     text = format_duration(seconds)
     assert parse_budget(text) >= seconds, text
     assert parse_budget(text) < seconds + 60, text
@@ -190,13 +190,14 @@ def test_planner_rejects_with_needed_budget(recipe, data, tmp_path):
     assert "with the epoch cap lowered to 20" in message, message
     assert "\n" not in message
     least = parse_budget(message.split("(at least ")[1].split()[0])
-    # The least budget trains, at a lowered cap; just below it nothing does.
+    # The minimum budget trains at a lowered cap, and 10% below it nothing trains.
     lowered = plan(recipe, least, RunStore(tmp_path / "least"), data)
     assert lowered.cap_lowered
     with pytest.raises(BudgetError):
         plan(recipe, 0.9 * least, RunStore(tmp_path / "below"), data)
     budget = plan(recipe, parse_budget(format_duration(needed)), RunStore(tmp_path / "again"), data)
-    assert budget.subset is not None and budget.subset >= FLOOR_PER_CLASS * 10
+    assert budget.subset is not None
+    assert budget.subset >= FLOOR_PER_CLASS * 10
     assert not budget.cap_lowered
 
 
@@ -279,7 +280,7 @@ def test_estimate_epochs_prefers_same_model_records():
     assert family == pytest.approx(law64 * expected, rel=0.02)
 
 
-def test_estimate_epochs_ignores_other_regimes_and_roles():
+def test_estimate_epochs_ignores_other_runs():
     records = [finished("shallow_cnn_w16", 499, regime="random_labels"), finished("shallow_cnn_w16", 499, role="n2")]
     plain = estimate_epochs("shallow_cnn_w16", "true_data", "n1", 500, 10)
     assert estimate_epochs("shallow_cnn_w16", "true_data", "n1", 500, 10, finished_records=records) == plain
@@ -463,7 +464,7 @@ class ClockedExecutor:
         return {}
 
 
-def test_runner_admits_kinds_that_fit_and_lists_the_rest(recipe, tmp_path):
+def test_runner_admits_fitting_kinds(recipe, tmp_path):
     clock = FakeClock()
     network_plan = build_plan(recipe, TrainConfig(), 500)
     estimates = {job.key: 10.0 for job in network_plan.jobs}
@@ -482,7 +483,7 @@ def test_runner_admits_kinds_that_fit_and_lists_the_rest(recipe, tmp_path):
     assert all(len(call) <= 2 for call in executor.calls)
 
 
-def test_runner_leaves_out_n2_of_skipped_n1(recipe, tmp_path):
+def test_runner_skips_orphaned_n2(recipe, tmp_path):
     clock = FakeClock()
     network_plan = build_plan(recipe, TrainConfig(), 500)
     estimates = {job.key: 30.0 for job in network_plan.jobs}
@@ -495,7 +496,7 @@ def test_runner_leaves_out_n2_of_skipped_n1(recipe, tmp_path):
     assert len(report.trained) == 2
 
 
-def test_runner_stops_starting_networks_past_the_hard_limit(recipe, tmp_path):
+def test_runner_stops_past_hard_limit(recipe, tmp_path):
     clock = FakeClock()
     network_plan = build_plan(recipe, TrainConfig(), 500)
     # Estimates far too low: all N1 are admitted, but each takes 40 s of a 60 s budget.
@@ -534,7 +535,7 @@ def test_cli_budget_errors(extra, expected, data_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_full_grid_tiny_budget_says_needed_budget(data_dir, tmp_path, capsys):
+def test_cli_tiny_budget_names_need(data_dir, tmp_path, capsys):
     started = time.perf_counter()
     code, err = cli_run(["table10", "--budget", "1m", "--quiet"], data_dir, tmp_path / "run", capsys)
     assert code == 2
@@ -549,7 +550,7 @@ def test_cli_full_grid_tiny_budget_says_needed_budget(data_dir, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_cli_budget_run_saves_plan_and_usage(data_dir, tmp_path, capsys, caplog):
+def test_cli_budget_run_saves_plan(data_dir, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO)
     out = tmp_path / "run"
     argv = ["table1", "--n1", "shallow_cnn_w16", "--n2", "shallow_cnn_w16", "--regimes", "true_data",
@@ -561,7 +562,8 @@ def test_cli_budget_run_saves_plan_and_usage(data_dir, tmp_path, capsys, caplog)
     saved = json.loads((out / "budget.json").read_text())
     assert saved["jobs"] == 2
     assert saved["used_s"] > 0
-    assert "planned" in saved["usage"] and "used" in saved["usage"]
+    assert "planned" in saved["usage"]
+    assert "used" in saved["usage"]
     assert saved["calibration"]["tuned"] is True
     run = json.loads((out / "run.json").read_text())
     assert run["subset"] == saved["subset"]
@@ -578,25 +580,25 @@ def test_cli_budget_run_saves_plan_and_usage(data_dir, tmp_path, capsys, caplog)
         assert f"{saved['subset']:,}" in table or str(saved["subset"]) in table
 
 
-def test_run_job_abandoned_when_time_is_up(data_dir):
+def test_run_job_time_up(data_dir):
     from engine.experiments.deadline import TimeUp
     from engine.experiments.jobs import run_job
     from engine.experiments.plan import NetworkJob
 
     data = DataContext("cifar10", str(data_dir))
     job = NetworkJob("n1", "shallow_cnn_w16", "cifar10", 0, 100, "true_data", TrainConfig(max_epochs=50))
-    asked = []
+    calls = []
 
     def stop() -> bool:
-        asked.append(True)
-        return len(asked) >= 3
+        calls.append(True)
+        return len(calls) >= 3
 
     with pytest.raises(TimeUp, match="epoch 3"):
         run_job(job, data, torch.device("cpu"), stop=stop)
-    assert len(asked) == 3
+    assert len(calls) == 3
 
 
-def test_fused_group_yields_finished_members_then_stops(data_dir):
+def test_fused_group_time_up(data_dir):
     from engine.experiments.deadline import TimeUp
     from engine.experiments.plan import NetworkJob
     from engine.fused.trainer import train_group
@@ -622,7 +624,7 @@ def test_fused_group_yields_finished_members_then_stops(data_dir):
         next(results)
 
 
-def test_hopeless_grid_stops_timing_early(recipe, data, monkeypatch):
+def test_hopeless_grid_stops_timing(recipe, data, monkeypatch):
     import engine.scheduling.budget as budget_module
     from engine.training.execution import ExecutionOptions
 

@@ -109,7 +109,7 @@ def test_missing_ffcv_named_before_training(data_dir, tmp_path, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="DALI is not installed")
-def test_dali_loader_trains_one_at_a_time_with_same_results(data_dir, tmp_path):
+def test_dali_loader_matches_tensor_loader(data_dir, tmp_path):
     plain, dali = tmp_path / "plain", tmp_path / "dali"
     assert run_cli(["--no-autotune", "--no-fuse"], data_dir, plain) == 0
     assert run_cli(["--no-autotune", "--loader", "dali"], data_dir, dali) == 0
@@ -122,7 +122,7 @@ def test_dali_loader_trains_one_at_a_time_with_same_results(data_dir, tmp_path):
         np.testing.assert_array_equal(ours["d3"], theirs["d3"])
 
 
-def test_plain_options_train_as_the_default_path(data_dir):
+def test_plain_options_match_default(data_dir):
     data = DataContext("cifar10", str(data_dir))
     train = TrainConfig(max_epochs=3)
     jobs = [NetworkJob("n1", "shallow_cnn_w16", "cifar10", seed, 100, "true_data", train) for seed in (0, 1)]
@@ -150,5 +150,5 @@ def test_other_protocol_in_folder_warned(data_dir, tmp_path, caplog):
     assert run_cli(["--no-autotune"], data_dir, out) == 0
     caplog.set_level(logging.WARNING)
     assert run_cli(["--no-autotune", "--max-epochs", "2"], data_dir, out) == 0
-    assert "holds 4 networks of another protocol (subset 100, epoch cap 3)" in caplog.text
+    assert "contains 4 networks of another protocol (subset 100, epoch cap 3)" in caplog.text
     assert len(records(out)) == 8

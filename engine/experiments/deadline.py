@@ -1,7 +1,7 @@
 """Enforce a run's time budget: admit jobs that end in time, stop starting new ones past the limit.
 
-The planner (``engine.scheduling.budget``) estimates each job's seconds. The runner
-asks a :class:`Deadline` before each kind of jobs which of them still fit.
+The planner (``engine.scheduling.budget``) estimates each job's seconds. Before each
+kind of jobs, the runner uses a :class:`Deadline` to admit the ones that still fit.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class InProcessExecutor:
         parent_d2: Mapping[str, np.ndarray],
         stop: Callable[[], bool] | None = None,
     ) -> Iterator[JobResult]:
-        """Train ``jobs``; ``stop``, asked after every epoch, abandons the trainings in progress with ``TimeUp``."""
+        """Train ``jobs``; ``stop`` is called after every epoch, and True abandons the trainings with ``TimeUp``."""
         # Checkpointed N1 (learning curves) keep per-epoch predictions, which only the
         # one-network trainer records.
         for job in jobs:
@@ -154,6 +154,7 @@ def run_plan(
     if report.reused:
         log.info("reusing %d trained networks from %s", len(report.reused), store.root)
     pending = [job for job in plan.jobs if not store.has(job.key)]
+    job_seconds = estimates or {}
     bar = tqdm(total=len(pending), desc=plan.recipe.name, unit="net", disable=not progress, file=sys.stderr)
 
     def save_all(jobs: list[NetworkJob], parent_d2: Mapping[str, np.ndarray]) -> None:
@@ -161,16 +162,17 @@ def run_plan(
             _save_stream(executor.run(jobs, parent_d2))
             return
         for kind in _kinds(jobs):
-            admitted, left = admit_jobs(kind, estimates or {}, deadline)
             if deadline.past_hard_limit():
                 admitted, left = [], kind
+            else:
+                admitted, left = admit_jobs(kind, job_seconds, deadline)
             _leave_out(left)
             if not admitted:
                 continue
             began = deadline.elapsed()
             results = executor.run(admitted, parent_d2, stop=deadline.past_hard_limit)  # type: ignore[call-arg]
             saved = _save_stream(results, stop=deadline.past_hard_limit)
-            deadline.record(sum((estimates or {}).get(key, 0.0) for key in saved), deadline.elapsed() - began)
+            deadline.record(sum(job_seconds.get(key, 0.0) for key in saved), deadline.elapsed() - began)
             _leave_out([job for job in admitted if job.key not in saved])
 
     def _leave_out(jobs: Iterable[NetworkJob]) -> None:
@@ -203,11 +205,11 @@ def run_plan(
         bar.update(1)
 
     save_all([job for job in pending if job.role == "n1"], {})
-    n2_pending = [job for job in pending if job.role == "n2"]
+    # An N2 whose N1 the budget left out is left out too.
     skipped_parents = set(report.not_computed)
-    n2_orphans = [job for job in n2_pending if job.parent in skipped_parents]
-    _leave_out(n2_orphans)
-    n2_ready, parent_d2 = _parents_ready((job for job in n2_pending if job not in n2_orphans), store, report)
+    n2_pending = [job for job in pending if job.role == "n2" and job.parent not in skipped_parents]
+    _leave_out(job for job in pending if job.role == "n2" and job.parent in skipped_parents)
+    n2_ready, parent_d2 = _parents_ready(n2_pending, store, report)
     bar.update(len(report.blocked))
     save_all(n2_ready, parent_d2)
     bar.close()

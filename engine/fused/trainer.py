@@ -387,7 +387,7 @@ def train_group(
         parent_d2: for each N2 job's key, its parent N1's predictions on D2.
         options: ``share_batches`` and ``repack_fraction``; ``group_size`` is ignored
             (the group is ``jobs``).
-        stop: asked before every epoch; when it returns True the members still
+        stop: called before every epoch. When it returns True, the members still
             training are abandoned with :class:`TimeUp`.
 
     Each member's record is built with ``make_record`` (trainer ``"fused G=<size>"``),
@@ -450,14 +450,13 @@ def run_jobs(
         on_choice: called with each bucket's group-size choice, e.g. to save it
             with the results.
         execution: loader, layout, compilation and threads. None trains as a plain
-            eager loop and chooses the group size as above. Otherwise, unless
-            autotuning is off, ``autotune.tune`` decides per bucket the options left
-            open and the group size together; a loader other than ``tensor`` trains
-            one network at a time, because fused groups gather their batches from
-            the tensors themselves.
+            eager loop and chooses the group size as above. Otherwise
+            ``autotune.tune`` decides per bucket the options left open and the group
+            size together. A loader other than ``tensor`` trains one network at a
+            time, because fused groups gather their batches from the tensors.
         on_tune: called with each bucket's autotune result.
-        stop: asked after every epoch of every training; when it returns True the
-            networks in training are abandoned with :class:`TimeUp`.
+        stop: called after every epoch of every training. When it returns True,
+            the networks in training are abandoned with :class:`TimeUp`.
     """
     device = torch.device(device)
     options = options or FusedOptions()
@@ -466,12 +465,13 @@ def run_jobs(
     for job in jobs:
         buckets.setdefault(_bucket_key(job, data), []).append(job)
 
-    for bucket in buckets.values():
+    for key, bucket in buckets.items():
         tuned = None
         if execution is None:
             choice = _group_choice(bucket, data, device, options)
         else:
-            tuned = _tune_bucket(bucket, data, device, options, execution)
+            n_train = key[-1]
+            tuned = _tune_bucket(bucket, n_train, data, device, options, execution)
             choice = tuned.group
             if on_tune is not None:
                 on_tune(tuned)
@@ -539,17 +539,20 @@ def _group_choice(
 
 
 def _tune_bucket(
-    bucket: Sequence[NetworkJob], data: DataContext, device: torch.device, options: FusedOptions,
+    bucket: Sequence[NetworkJob],
+    n_train: int,
+    data: DataContext,
+    device: torch.device,
+    options: FusedOptions,
     execution: ExecutionOptions,
 ) -> TuneResult:
-    """Decide a bucket's execution options and group size together, by ``autotune.tune``."""
+    """Decide the execution options and group size of a bucket of ``n_train``-image trainings, by ``autotune.tune``."""
     first = bucket[0]
     group_size = options.group_size
     if execution.loader != "tensor" or len(bucket) == 1 or not _fusable(first, data, device):
         group_size = 1
     elif group_size is not None:
         group_size = min(group_size, len(bucket))
-    n_train = _bucket_key(first, data)[-1]
     return tune(
         first.model, data.dataset.spec, first.train, n_train, len(bucket), device, execution,
         group_size=group_size, shared_batches=options.share_batches,

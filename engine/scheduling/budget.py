@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, NoReturn, Sequence
 
 import torch
 
@@ -66,13 +66,13 @@ RUN_OVERHEAD_S = 3.0
 MAX_FUSED_SPEEDUP = 64.0
 # NOTE: assumed bounds, per device type, on how much faster tuned options (layout,
 # compilation, threads) and fused groups together train than the plain eager step.
-# On a 2-core CPU tuning gave up to 1.8x and fusion up to 2.1x; on a GPU fusing many
-# small networks may gain far more, so there the bound is the fusion bound times 4.
-# When even this speed-up could not make the smallest protocol at the lowest cap fit,
-# the planner rejects the grid after timing only the plain step, within seconds.
+# On a 2-core CPU the benchmarks measured about 1.8x for tuning and 2.1x for fusion.
+# On a GPU, fusing many small networks may gain far more, so the bound there is the
+# fusion bound times 4. When even this speed-up could not make the smallest protocol
+# at the lowest cap fit, the planner rejects the grid after timing only plain steps.
 MAX_UNTUNED_SPEEDUP = {"cpu": 16.0}
-# A hopeless grid stops being timed once timing has taken this long, or this share of
-# the budget if that is longer; it is then refused with a lower bound of what it needs.
+# Timing of a hopeless grid stops after this many seconds, or after this share of the
+# budget if that is longer. The grid is then rejected with a lower bound of its need.
 EARLY_REJECT_AFTER_S = 10.0
 EARLY_REJECT_SHARE = 0.1
 MAX_UNTUNED_SPEEDUP_OTHER = 4 * MAX_FUSED_SPEEDUP
@@ -221,10 +221,10 @@ class BudgetPlan:
 
         # The full splits, and the smallest protocol that did not fit, if it is another.
         too_large = [candidate for candidate in self.tried if not candidate["fits"]]
-        shown = too_large[:1]
+        listed = too_large[:1]
         if len(too_large) > 1:
-            shown.append(too_large[-1])
-        for candidate in shown:
+            listed.append(too_large[-1])
+        for candidate in listed:
             described = _describe_candidate(candidate, self.num_classes)
             lines.append(f"  {described} would take about {format_duration(candidate['total_s'])}.")
 
@@ -435,22 +435,20 @@ def _calibrate_for(
     for job in floor_plan.jobs:
         key = (job.model, job.train.batch_size)
         planned[key] = planned.get(key, 0) + math.ceil(floor / job.train.batch_size) * job.train.max_epochs
-    # The plain eager step first, one (model, batch size) pair at a time: as soon as
-    # the networks of the pairs timed so far could not fit the smallest protocol even
-    # at the fastest options, the planner rejects the grid without timing the rest.
-    # Timing stops early only once it has taken a while, so a cheap grid still gets
-    # the full estimate of the budget it needs.
+    # The plain eager step first, one (model, batch size) pair at a time. Once the
+    # pairs timed so far could not fit the smallest protocol even at the fastest
+    # options, the planner rejects the grid without timing the rest. It stops early
+    # only after timing for a while, so that a cheap grid still gets the full estimate.
     bound = MAX_UNTUNED_SPEEDUP.get(torch.device(device).type, MAX_UNTUNED_SPEEDUP_OTHER)
     patience_s = max(EARLY_REJECT_AFTER_S, EARLY_REJECT_SHARE * budget_s)
-    plain = Calibration(str(torch.device(device)), {})
-    for model, batch in sorted(planned):
-        part = calibrate([model], spec, [batch], device, precision=train.precision)
-        plain.speeds.update(part.speeds)
-        plain.measure_time_s += part.measure_time_s
-        hopeless = floor_training_s(plain, min(MIN_EPOCH_CAP, train.max_epochs)) / bound > budget_s
-        if hopeless and (plain.measure_time_s >= patience_s or len(plain.speeds) == len(planned)):
-            plain.complete = len(plain.speeds) == len(planned)
-            return plain
+
+    def hopeless(timed: Calibration) -> bool:
+        too_slow = floor_training_s(timed, min(MIN_EPOCH_CAP, train.max_epochs)) / bound > budget_s
+        return too_slow and (timed.measure_time_s >= patience_s or len(timed.speeds) == len(planned))
+
+    plain = _calibrate_pairs(planned, spec, device, train.precision, {}, stop=hopeless)
+    if hopeless(plain):
+        return plain
     tuning = {"execution": execution, "planned_steps": planned}
     calibration = _calibrate_pairs(planned, spec, device, train.precision, tuning)
     calibration.measure_time_s += plain.measure_time_s
@@ -467,16 +465,27 @@ def _calibrate_for(
 
 
 def _calibrate_pairs(
-    pairs: Iterable[tuple[str, int]], spec: InputSpec, device: torch.device | str, precision: str,
+    pairs: Collection[tuple[str, int]],
+    spec: InputSpec,
+    device: torch.device | str,
+    precision: str,
     arguments: Mapping[str, Any],
+    stop: Callable[[Calibration], bool] | None = None,
 ) -> Calibration:
-    """Calibrate each (model, batch size) pair the plan trains, and no other combination."""
+    """Calibrate each (model, batch size) pair the plan trains, and no other combination.
+
+    ``stop`` is called after each pair with the calibration so far. When it returns
+    True, the remaining pairs are not timed and the result is marked incomplete.
+    """
     merged = Calibration(str(torch.device(device)), {})
     for model, batch in sorted(pairs):
         part = calibrate([model], spec, [batch], device, precision=precision, **arguments)
         merged.speeds.update(part.speeds)
         merged.measure_time_s += part.measure_time_s
         merged.tuned = part.tuned
+        if stop is not None and stop(merged):
+            break
+    merged.complete = len(merged.speeds) == len(pairs)
     return merged
 
 
@@ -576,9 +585,9 @@ def _reject(
 ) -> NoReturn:
     """Raise ``BudgetError`` with the budget the floor subset needs at the requested cap, and at the lowest cap.
 
-    The first keeps the stop rule for every network the estimate expects to reach
-    it, so it is the budget suggested; the second is the least the planner accepts,
-    with the cells of capped runs marked.
+    The first lets every network reach the stop rule by the estimate, so the message
+    suggests it. The second is the minimum the planner accepts, with
+    the cells of capped runs marked.
     """
     needed = estimator.plan(floor, max_epochs, []).total_s / safety
     lowest_cap = min(MIN_EPOCH_CAP, max_epochs)

@@ -342,9 +342,9 @@ def _add_fused_speeds(
 ) -> None:
     """Record the fused group size the runner will use per bucket, and its member step time.
 
-    The size comes from ``choose_group_size``, as in the runner; with ``tuned``
+    The size comes from ``choose_group_size``, as in the runner. With ``tuned``
     options, a size that does not beat the tuned one-network throughput by
-    ``FUSED_MARGIN`` becomes 1, as ``autotune.tune`` decides. The timings of
+    ``FUSED_MARGIN`` becomes 1, as in ``autotune.tune``. The timings of
     ``choose_group_size`` (a few steps per size) rank sizes but are too noisy for a
     speed-up: one measured 320 images/s one by one where a step time of 7.4 ms gives
     8,600. So each group size the bucket splits into is timed again here for

@@ -494,13 +494,13 @@ def tune_module(
         skipped, {label: failed[label] for label in failed if label in {c.label for c in eager + compiled}},
         "measured" if measured else "cache", time.perf_counter() - started, planned_steps,
     )
-    shown = label or name or architecture_name(model)
+    display_name = label or name or architecture_name(model)
     log.info(
-        "autotune %s (%s): %s at %.0f images/s", shown, "measured" if measured else "from cache", best.label,
+        "autotune %s (%s): %s at %.0f images/s", display_name, "measured" if measured else "from cache", best.label,
         speeds[best.label],
     )
     log.debug(
-        "autotune %s: images/s %s%s", shown,
+        "autotune %s: images/s %s%s", display_name,
         ", ".join(f"{label} {value:.0f}" for label, value in result.images_per_s.items()),
         f"; compile s {', '.join(f'{k} {v:.1f}' for k, v in result.compile_s.items())}" if result.compile_s else "",
     )
