@@ -145,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data.split(0, args.subset)  # a subset too large for the data fails here
         if args.no_fuse and args.group_size not in (None, 1):
             raise UsageError(f"--no-fuse contradicts --group-size {args.group_size}; give only one of them")
+        _check_lanes(args)
         options = FusedOptions(group_size=1 if args.no_fuse else args.group_size, share_batches=args.share_batches)
         out = Path(args.out) if args.out else Path("runs") / recipe.name
         subset = args.subset
@@ -253,6 +254,22 @@ def _warn_if_protocol_changed(out: Path, train: TrainConfig, subset: int | None)
             "epoch cap %d, so they stay on disk but this run's report does not show them; give another --out "
             "to keep both reports",
             out, stored, previous.get("subset"), previous.get("train", {}).get("max_epochs"), subset, train.max_epochs,
+        )
+
+
+def _check_lanes(args: argparse.Namespace) -> None:
+    """Raise ``UsageError`` when ``--lanes`` contradicts the fusion or scale-out options."""
+    if args.lanes is None or args.lanes == 1:
+        return
+    if args.group_size not in (None, 1):
+        raise UsageError(
+            f"--lanes {args.lanes} trains networks one at a time in threads and contradicts "
+            f"--group-size {args.group_size}; give only one of them"
+        )
+    if args.workers is not None or args.gpus is not None or args.cluster is not None:
+        raise UsageError(
+            f"--lanes {args.lanes} trains networks in threads of this process; with --workers, --gpus or "
+            "--cluster each Ray task trains on its own, so drop --lanes"
         )
 
 

@@ -70,6 +70,17 @@ def test_autotune_choice_saved(data_dir, tmp_path):
     assert described["execution"]["autotune"] is True
 
 
+def test_lanes_reach_every_record(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(["--lanes", "2", "--channels-last", "--compile", "off"], data_dir, out) == 0
+    stored = records(out)
+    assert len(stored) == 4
+    for record in stored:
+        assert (record["execution"]["lanes"], record["threads"]) == (2, 1)
+        assert record["autotune"]["lanes_reason"] == "given"
+    assert "2 lanes" in (out / "table.md").read_text()
+
+
 def test_amp_bf16_sets_the_protocol(data_dir, tmp_path):
     out = tmp_path / "run"
     assert run_cli(["--amp", "bf16", "--no-autotune"], data_dir, out) == 0
@@ -87,6 +98,9 @@ def test_amp_bf16_sets_the_protocol(data_dir, tmp_path):
         (["--compile", "reduce-overhead"], "--compile reduce-overhead records CUDA graphs"),
         (["--threads", "0"], "'0' must be positive"),
         (["--loader", "tape"], "invalid choice: 'tape'"),
+        (["--lanes", "0"], "'0' must be positive"),
+        (["--lanes", "2", "--group-size", "2"], "--lanes 2 trains networks one at a time in threads"),
+        (["--lanes", "2", "--workers", "2"], "drop --lanes"),
     ],
 )
 def test_bad_options_exit_2(extra, expected, data_dir, tmp_path, capsys):

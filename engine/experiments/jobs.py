@@ -15,6 +15,7 @@ from engine.experiments.deadline import TimeUp
 from engine.experiments.plan import NetworkJob
 from engine.models import create_model
 from engine.training.execution import ExecutionOptions
+from engine.training.lanes import INIT_LOCK
 from engine.training.trainer import TrainOutcome, predict, train_network
 
 
@@ -61,9 +62,14 @@ class DataContext:
 
 
 def build_model(job: NetworkJob, data: DataContext) -> torch.nn.Module:
-    """Create the job's network with the initialization its seed fixes."""
-    torch.manual_seed(job.init_seed)
-    return create_model(job.model, data.dataset.spec)
+    """Create the job's network with the initialization its seed fixes.
+
+    Several lanes may create networks at once; the lock keeps each one's draws from
+    the global RNG together.
+    """
+    with INIT_LOCK:
+        torch.manual_seed(job.init_seed)
+        return create_model(job.model, data.dataset.spec)
 
 
 def make_record(job: NetworkJob, outcome: TrainOutcome, device: torch.device, trainer: str) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from engine.fused.strategy import (
 )
 from engine.training.autotune import TuneResult, thread_count, tune
 from engine.training.execution import ExecutionOptions
+from engine.training.lanes import run_in_lanes
 from engine.training.schedule import PlateauSchedule
 from engine.training.trainer import TrainOutcome, autocast_context
 
@@ -349,7 +350,7 @@ class _FusedGroup:
             # and takes the convolution layout measured fastest for fused modules there.
             execution={
                 "loader": "tensor", "channels_last": self.model.channels_last, "compile": "off",
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "lanes": 1,
             },
         )
         predictions = {}
@@ -452,8 +453,10 @@ def run_jobs(
         execution: loader, layout, compilation and threads. None trains as a plain
             eager loop and chooses the group size as above. Otherwise
             ``autotune.tune`` decides per bucket the options left open and the group
-            size together. A loader other than ``tensor`` trains one network at a
-            time, because fused groups gather their batches from the tensors.
+            size together, and the lanes: buckets that train one network at a time
+            in several lanes train together, in threads, after the other buckets.
+            A loader other than ``tensor`` trains one network at a time, because
+            fused groups gather their batches from the tensors.
         on_tune: called with each bucket's autotune result.
         stop: called after every epoch of every training. When it returns True,
             the networks in training are abandoned with :class:`TimeUp`.
@@ -461,26 +464,78 @@ def run_jobs(
     device = torch.device(device)
     options = options or FusedOptions()
     parent_d2 = parent_d2 or {}
+    jobs = list(jobs)
     buckets: dict[tuple, list[NetworkJob]] = {}
     for job in jobs:
         buckets.setdefault(_bucket_key(job, data), []).append(job)
 
+    # Every bucket is tuned before any trains, so no measurement runs beside a training.
+    decided: list[tuple[list[NetworkJob], GroupChoice, TuneResult | None]] = []
     for key, bucket in buckets.items():
         tuned = None
         if execution is None:
             choice = _group_choice(bucket, data, device, options)
         else:
             n_train = key[-1]
-            tuned = _tune_bucket(bucket, n_train, data, device, options, execution)
+            tuned = _tune_bucket(bucket, n_train, data, device, options, execution, concurrent_jobs=len(jobs))
             choice = tuned.group
             if on_tune is not None:
                 on_tune(tuned)
         if on_choice is not None:
             on_choice(choice)
+        decided.append((bucket, choice, tuned))
+
+    laned = [(bucket, tuned) for bucket, choice, tuned in decided if _in_lanes(choice, tuned)]
+    for bucket, choice, tuned in decided:
+        if _in_lanes(choice, tuned):
+            continue
         for job, record, predictions in _train_bucket(bucket, choice, data, device, parent_d2, options, tuned, stop):
             if tuned is not None:
                 record["autotune"] = tuned.to_dict()
             yield job, record, predictions
+    if laned:
+        yield from _train_in_lanes(laned, data, device, parent_d2, stop)
+
+
+def _in_lanes(choice: GroupChoice, tuned: TuneResult | None) -> bool:
+    """Return whether a bucket's networks train one at a time in several lanes."""
+    return tuned is not None and choice.group_size == 1 and (tuned.options.lanes or 1) > 1
+
+
+def _train_in_lanes(
+    laned: list[tuple[list[NetworkJob], TuneResult]],
+    data: DataContext,
+    device: torch.device,
+    parent_d2: Mapping[str, np.ndarray | None],
+    stop: Callable[[], bool] | None,
+) -> Iterator[JobResult]:
+    """Train the jobs of these buckets in lanes, the longest first, and yield each as it finishes.
+
+    A job's length is its training-set size over its tuned images/s, so the lanes,
+    which take the next job as they free up, finish close together.
+    """
+    work = []
+    for bucket, tuned in laned:
+        speed = tuned.images_per_s.get(tuned.chosen.label) or 1.0
+        for job in bucket:
+            work.append((_bucket_key(job, data)[-1] / speed, job, tuned))
+    work.sort(key=lambda item: -item[0])
+    lanes = max(tuned.options.lanes or 1 for _, tuned in laned)
+    threads = max(tuned.options.threads or 1 for _, tuned in laned)
+
+    def task(job: NetworkJob, tuned: TuneResult) -> Callable[[Callable[[], bool]], list[JobResult]]:
+        def train(cancelled: Callable[[], bool]) -> list[JobResult]:
+            def halt() -> bool:
+                return cancelled() or (stop is not None and stop())
+
+            record, predictions = run_job(job, data, device, parent_d2.get(job.key), tuned.options, halt)
+            record["autotune"] = tuned.to_dict()
+            return [(job, record, predictions)]
+
+        return train
+
+    log.info("training %d networks in %d lanes of %d thread%s", len(work), lanes, threads, "s" * (threads > 1))
+    yield from run_in_lanes([task(job, tuned) for _, job, tuned in work], lanes, threads)
 
 
 def _train_bucket(
@@ -545,8 +600,12 @@ def _tune_bucket(
     device: torch.device,
     options: FusedOptions,
     execution: ExecutionOptions,
+    concurrent_jobs: int = 1,
 ) -> TuneResult:
-    """Decide the execution options and group size of a bucket of ``n_train``-image trainings, by ``autotune.tune``."""
+    """Decide the execution options, group size and lanes of a bucket of ``n_train``-image trainings.
+
+    ``concurrent_jobs`` counts the jobs of every bucket that could train at once in lanes.
+    """
     first = bucket[0]
     group_size = options.group_size
     if execution.loader != "tensor" or len(bucket) == 1 or not _fusable(first, data, device):
@@ -555,5 +614,5 @@ def _tune_bucket(
         group_size = min(group_size, len(bucket))
     return tune(
         first.model, data.dataset.spec, first.train, n_train, len(bucket), device, execution,
-        group_size=group_size, shared_batches=options.share_batches,
+        group_size=group_size, shared_batches=options.share_batches, concurrent_jobs=concurrent_jobs,
     )

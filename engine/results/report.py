@@ -44,6 +44,8 @@ def _trainer_label(record: dict) -> str:
         details.append("channels_last")
     if execution.get("compile") not in (None, "off"):
         details.append(f"compile {execution['compile']}")
+    if (execution.get("lanes") or 1) > 1:
+        details.append(f"{execution['lanes']} lanes")
     trainer = record.get("trainer", "single")
     return f"{trainer} ({', '.join(details)})" if details else trainer
 

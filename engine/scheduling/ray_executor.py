@@ -436,7 +436,7 @@ class RayExecutor:
             self._start_on_local_cpus(workers, object_store_bytes)
         self._started_ray = self._owns_ray
         # The task's thread count is fixed, so a result does not depend on the worker.
-        self.execution = None if execution is None else dataclasses.replace(execution, threads=self.threads)
+        self.execution = None if execution is None else dataclasses.replace(execution, threads=self.threads, lanes=1)
         self._setup = WorkerSetup(dataset, data_dir, self.options, self.threads, self.execution)
         log.info(
             "Ray (%s): %d tasks at once; per task: %d torch threads, %d GPU, up to %d retries",

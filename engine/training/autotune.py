@@ -81,6 +81,10 @@ COMPILE_COST_PRIOR_S = 30.0
 # noise alone does not choose a compiled step.
 COMPILE_MARGIN = 1.03
 
+# Lanes (networks trained at once, one thread each) are chosen only if they beat the
+# tuned one-network throughput by this factor.
+LANES_MARGIN = 1.05
+
 # (cache key, candidate label) compiled in this process: their compilation is paid.
 _COMPILED_HERE: set[tuple[str, str]] = set()
 
@@ -127,6 +131,8 @@ class TuneResult:
     measure_time_s: float = 0.0
     planned_steps: int = 0
     group: Any = None
+    lanes_images_per_s: dict[int, float] = field(default_factory=dict)
+    lanes_reason: str = ""
 
     @property
     def chosen(self) -> Candidate:
@@ -146,6 +152,9 @@ class TuneResult:
             "measure_time_s": round(self.measure_time_s, 3),
             "planned_steps": self.planned_steps,
             "group": self.group.to_dict() if self.group is not None else None,
+            "lanes": self.options.lanes,
+            "lanes_images_per_s": {str(k): round(v, 1) for k, v in self.lanes_images_per_s.items()},
+            "lanes_reason": self.lanes_reason,
         }
 
 
@@ -483,6 +492,7 @@ def tune_module(
 
     if measured and path is not None:
         save_entry(path, key, {
+            **entry,
             "images_per_s": speeds,
             "compile_s": compile_s,
             "failed": failed,
@@ -533,6 +543,7 @@ def tune(
     group_size: int | None = None,
     shared_batches: bool = False,
     cache: Path | str | None | bool = None,
+    concurrent_jobs: int = 1,
 ) -> TuneResult:
     """Choose the execution options and the fused group size for ``n_jobs`` jobs of one kind.
 
@@ -542,11 +553,20 @@ def tune(
     size is ``group_size`` when given. Otherwise, for a fused family and more than
     one job, ``choose_group_size`` measures it. A fused size is kept only if it beats
     the tuned one-network throughput by the fused strategy's margin.
+
+    The lanes (networks trained at once, see ``engine.training.lanes``) are
+    ``options.lanes`` when given, with ``threads`` defaulting to the process's count
+    shared among them. Otherwise, on a CPU with several threads, when networks train
+    one at a time in eager mode and ``concurrent_jobs`` (the jobs of this run that
+    could train together, of any kind) is at least 2, one lane per thread is timed
+    and kept if it beats the tuned one-network throughput by ``LANES_MARGIN``.
     """
     from engine.fused.modules import is_fusable
     from engine.fused.strategy import FUSED_MARGIN, choose_group_size, fixed_choice, template_model
 
     device = torch.device(device)
+    if options.lanes is not None and options.lanes > 1 and options.threads is None:
+        options = dataclasses.replace(options, threads=max(1, torch.get_num_threads() // options.lanes))
     with torch.random.fork_rng(devices=[]):
         model = create_model(model_name, spec)
     input_shape = (spec.channels, spec.height, spec.width)
@@ -569,6 +589,8 @@ def tune(
         group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, reason)
     elif not options.autotune:
         group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, "autotuning off")
+    elif options.lanes is not None and options.lanes > 1:
+        group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, "lanes given")
     elif too_small_to_measure_groups(result, batch):
         reason = "planned work too small to repay measuring group sizes"
         group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, reason)
@@ -584,4 +606,76 @@ def tune(
             )
             group = dataclasses.replace(group, group_size=1, reason="tuned one-network faster")
     result.group = group
+    _choose_lanes(result, model, input_shape, config, device, options, concurrent_jobs, cache, model_name)
     return result
+
+
+def _lanes_unmeasured_reason(
+    result: TuneResult, device: torch.device, options: ExecutionOptions, lanes: int
+) -> str:
+    """Return why lanes are not timed for this result, or an empty string when they are."""
+    if options.lanes is not None:
+        return "given"
+    if not options.autotune:
+        return "autotuning off"
+    if device.type != "cpu":
+        return "not a CPU"
+    if lanes < 2:
+        return "one thread" if torch.get_num_threads() < 2 else "one job"
+    if result.group is not None and result.group.group_size > 1:
+        return "fused groups"
+    if result.options.compile not in (None, "off"):
+        return "compiled"
+    if options.threads is not None:
+        return "threads given"
+    return ""
+
+
+def _choose_lanes(
+    result: TuneResult,
+    model: nn.Module,
+    input_shape: Sequence[int],
+    config: TrainConfig,
+    device: torch.device,
+    options: ExecutionOptions,
+    concurrent_jobs: int,
+    cache: Path | str | None | bool,
+    label: str,
+) -> None:
+    """Set ``result.options.lanes``: the user's value, else one lane per thread where measured to pay."""
+    from engine.training.lanes import measure_lanes
+
+    chosen = result.options
+    lanes = min(torch.get_num_threads(), concurrent_jobs)
+    reason = _lanes_unmeasured_reason(result, device, options, lanes)
+    if reason:
+        result.options = dataclasses.replace(chosen, lanes=options.lanes or 1)
+        result.lanes_reason = reason
+        return
+    path = None if cache is False else (cache_path() if cache is None else Path(cache))
+    entry = load_cache(path).get(result.key, {}) if path is not None else {}
+    layout = "channels_last" if chosen.channels_last else "nchw"
+    measured = dict(entry.get("lanes", {}).get(layout, {}))
+    if str(lanes) not in measured:
+        measured[str(lanes)] = measure_lanes(
+            model, bool(chosen.channels_last), input_shape, config.batch_size, config.precision, device, lanes,
+            BUDGET_S,
+        )
+        result.source = "measured"
+        if path is not None:
+            current = load_cache(path).get(result.key, {})
+            save_entry(path, result.key, {**current, "lanes": {**current.get("lanes", {}), layout: measured}})
+    together = measured[str(lanes)]
+    single = result.images_per_s.get(result.chosen.label)
+    result.lanes_images_per_s = {lanes: together}
+    if single is not None and together > LANES_MARGIN * single:
+        result.options = dataclasses.replace(chosen, lanes=lanes, threads=1)
+        result.lanes_reason = f"measured: {together:.0f} images/s against {single:.0f} for one network"
+        log.info(
+            "autotune %s: %d networks at once, one thread each: %.0f images/s against %.0f one at a time",
+            label, lanes, together, single,
+        )
+    else:
+        result.options = dataclasses.replace(chosen, lanes=1)
+        result.lanes_reason = f"measured: {together:.0f} images/s, not {LANES_MARGIN:.2f}x one network's {single}"
+

@@ -41,6 +41,9 @@ class ExecutionOptions:
         threads: CPU threads of a training (``torch.set_num_threads`` while it
             runs); None lets autotuning decide on a CPU (the process's setting when
             autotuning is off or on a GPU).
+        lanes: networks trained at the same time in this process, each in its own
+            thread with ``threads`` CPU threads (CPU only); None lets autotuning decide
+            (1 when autotuning is off). See ``engine.training.lanes``.
         amp: autocast dtype; recorded here, but it takes effect through
             ``TrainConfig.precision`` (see ``precision``).
         autotune: measure the options left at None on the device and keep the
@@ -53,6 +56,7 @@ class ExecutionOptions:
     channels_last: bool | None = None
     compile: str | None = None
     threads: int | None = None
+    lanes: int | None = None
     amp: str = "off"
     autotune: bool = True
     cache_dir: str | None = None
@@ -66,6 +70,8 @@ class ExecutionOptions:
             raise UsageError(f"unknown amp mode {self.amp!r}; choose from {', '.join(AMP_MODES)}")
         if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
             raise UsageError(f"threads={self.threads!r} must be a positive integer, or None to tune")
+        if self.lanes is not None and (isinstance(self.lanes, bool) or self.lanes < 1):
+            raise UsageError(f"lanes={self.lanes!r} must be a positive integer, or None to tune")
 
     @property
     def precision(self) -> str:
@@ -74,7 +80,7 @@ class ExecutionOptions:
 
     @property
     def resolved(self) -> bool:
-        """Whether every option has a value, so no autotuning is left to do."""
+        """Whether every option of one network's training has a value (the lanes are decided per run)."""
         return self.channels_last is not None and self.compile is not None and self.threads is not None
 
     def with_defaults(self) -> "ExecutionOptions":
@@ -84,6 +90,7 @@ class ExecutionOptions:
             channels_last=bool(self.channels_last),
             compile=self.compile or "off",
             threads=self.threads or torch.get_num_threads(),
+            lanes=self.lanes or 1,
         )
 
     def check_device(self, device: torch.device | str, precision: str | None = None) -> None:
@@ -102,6 +109,11 @@ class ExecutionOptions:
                 f"--compile reduce-overhead records CUDA graphs and needs a CUDA GPU, not {device}; "
                 "use --compile default"
             )
+        if self.lanes is not None and self.lanes > 1 and device.type != "cpu":
+            raise UsageError(
+                f"--lanes {self.lanes} trains networks in CPU threads, not on {device}; "
+                "on a GPU leave --lanes unset and let fused groups train networks together"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +126,7 @@ class ExecutionOptions:
             channels_last=args.channels_last,
             compile=args.compile,
             threads=args.threads,
+            lanes=args.lanes,
             amp=args.amp,
             autotune=not args.no_autotune,
             cache_dir=args.loader_cache,
@@ -143,6 +156,11 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
         "process's count, else the process's count)",
     )
     group.add_argument(
+        "--lanes", type=positive_int, default=None,
+        help="networks trained at the same time on the CPU, each in its own thread with --threads "
+        "threads (default: measured by autotuning, 1 or the process's thread count, else 1)",
+    )
+    group.add_argument(
         "--amp", choices=AMP_MODES, default="off",
         help="autocast dtype of forward and backward passes; sets the protocol's precision "
         "and so the job keys (default: off, fp32). fp16 needs a CUDA GPU",
@@ -150,7 +168,7 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
     group.add_argument(
         "--no-autotune", action="store_true",
         help="keep the options given (unset ones off) instead of timing a few steps of each "
-        "combination of layout, compilation and threads per architecture on this device",
+        "combination of layout, compilation, threads and lanes per architecture on this device",
     )
     group.add_argument(
         "--loader-cache",

@@ -1,0 +1,185 @@
+"""Lanes: networks trained at the same time in threads, with the results of training them alone."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import UsageError
+from engine.experiments.deadline import TimeUp
+from engine.experiments.jobs import DataContext, run_job
+from engine.experiments.plan import NetworkJob
+from engine.fused.trainer import run_jobs
+from engine.models.registry import CIFAR10
+from engine.training import TrainConfig, autotune
+from engine.training.execution import ExecutionOptions
+from engine.training.lanes import Cancelled, run_in_lanes
+
+CPU = torch.device("cpu")
+SUBSET = 200
+LANES = ExecutionOptions(channels_last=True, compile="off", threads=1, lanes=2)
+
+
+@pytest.fixture(scope="module")
+def cifar(data_dir: Path) -> DataContext:
+    return DataContext("cifar10", str(data_dir))
+
+
+def _jobs(models: tuple[str, ...], config: TrainConfig) -> list[NetworkJob]:
+    return [NetworkJob("n1", model, "cifar10", seed, SUBSET, "true_data", config) for model in models for seed in (0, 1)]
+
+
+def test_lanes_give_the_results_of_training_alone(cifar: DataContext) -> None:
+    config = TrainConfig(max_epochs=2)
+    jobs = _jobs(("shallow_cnn_w8", "mlp_d1_h16"), config)
+    results = list(run_jobs(jobs, cifar, CPU, execution=LANES))
+    assert sorted(job.key for job, _, _ in results) == sorted(job.key for job in jobs)
+    alone = ExecutionOptions(channels_last=True, compile="off", threads=1, lanes=1)
+    for job, record, predictions in results:
+        assert record["execution"]["lanes"] == 2
+        assert record["threads"] == 1
+        expected_record, expected = run_job(job, cifar, CPU, execution=alone)
+        # Same arithmetic as alone with one thread: every number is equal.
+        assert record["train_errors"] == expected_record["train_errors"], job.describe()
+        for split in ("d2", "d3"):
+            assert np.array_equal(predictions[split], expected[split]), job.describe()
+    assert torch.get_num_threads() == 2, "the process's thread count is restored after the lanes"
+
+
+def test_lanes_stop_at_the_time_limit(cifar: DataContext) -> None:
+    jobs = _jobs(("shallow_cnn_w8",), TrainConfig(max_epochs=50))
+    epochs = []
+
+    def stop() -> bool:
+        epochs.append(threading.current_thread().name)
+        return len(epochs) > 3
+
+    finished = []
+    with pytest.raises(TimeUp):
+        for job, record, _ in run_jobs(jobs, cifar, CPU, execution=LANES, stop=stop):
+            finished.append(job.key)
+    assert finished == [], "a network cut off before its stop rule is not returned"
+    assert all(name.startswith("lane") for name in epochs), "both networks trained in lanes"
+
+
+def test_run_in_lanes_runs_tasks_at_once() -> None:
+    inside, peak = [0], [0]
+    lock = threading.Lock()
+
+    def task(value: int):
+        def run(cancelled):
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.05)
+            with lock:
+                inside[0] -= 1
+            return [value, value + 100]
+
+        return run
+
+    results = list(run_in_lanes([task(i) for i in range(5)], lanes=2))
+    assert sorted(results) == sorted([*range(5), *range(100, 105)])
+    assert peak[0] == 2
+
+
+def test_run_in_lanes_raises_first_error() -> None:
+    started = []
+
+    def good(cancelled):
+        time.sleep(0.1)
+        return ["good"]
+
+    def bad(cancelled):
+        raise ValueError("broken network")
+
+    def later(cancelled):
+        started.append("later")
+        return ["later"]
+
+    seen = []
+    with pytest.raises(ValueError, match="broken network"):
+        for result in run_in_lanes([good, bad, later], lanes=2):
+            seen.append(result)
+    assert seen == ["good"], "the running task's result is kept"
+    assert started == [], "the queued task does not start"
+
+
+def test_closing_the_lanes_cancels_running_tasks() -> None:
+    stopped = []
+
+    def long(cancelled):
+        for _ in range(200):
+            if cancelled():
+                stopped.append(True)
+                raise Cancelled()
+            time.sleep(0.01)
+        return ["long"]
+
+    def short(cancelled):
+        return ["short"]
+
+    results = run_in_lanes([long, short], lanes=2)
+    assert next(results) == "short"
+    results.close()
+    assert stopped == [True]
+
+
+def test_lanes_option_validates() -> None:
+    with pytest.raises(UsageError, match="lanes=0"):
+        ExecutionOptions(lanes=0)
+    with pytest.raises(UsageError, match="--lanes 2 trains networks in CPU threads"):
+        ExecutionOptions(lanes=2).check_device("cuda")
+    assert ExecutionOptions().with_defaults().lanes == 1
+
+
+def _cached_tune(tmp_path: Path, lanes_speed: float, single_speed: float, concurrent_jobs: int = 4):
+    """Tune with a cache entry that contains the given measurements, so nothing is timed."""
+    options = ExecutionOptions(channels_last=True, compile="off")
+    config = TrainConfig(max_epochs=1)
+    path = tmp_path / "a.json"
+    first = autotune.tune("shallow_cnn_w8", CIFAR10, config, 256, 1, CPU, options, cache=path)
+    entries = json.loads(path.read_text())
+    entry = entries[first.key]
+    entry["images_per_s"] = {label: single_speed for label in entry["images_per_s"]}
+    entry["lanes"] = {"channels_last": {"2": lanes_speed}}
+    path.write_text(json.dumps(entries))
+    return autotune.tune(
+        "shallow_cnn_w8", CIFAR10, config, 256, 1, CPU, options, cache=path, concurrent_jobs=concurrent_jobs
+    )
+
+
+def test_tune_chooses_lanes_only_when_they_pay(tmp_path: Path) -> None:
+    chosen = _cached_tune(tmp_path, lanes_speed=1500.0, single_speed=1000.0)
+    assert (chosen.options.lanes, chosen.options.threads) == (2, 1)
+    assert chosen.to_dict()["lanes_images_per_s"] == {"2": 1500.0}
+    rejected = _cached_tune(tmp_path, lanes_speed=1020.0, single_speed=1000.0)
+    assert rejected.options.lanes == 1
+    assert "not 1.05x" in rejected.lanes_reason
+    alone = _cached_tune(tmp_path, lanes_speed=1500.0, single_speed=1000.0, concurrent_jobs=1)
+    assert (alone.options.lanes, alone.lanes_reason) == (1, "one job")
+
+
+def test_tune_measures_lanes_and_caches_them(tmp_path: Path) -> None:
+    options = ExecutionOptions(channels_last=True, compile="off")
+    path = tmp_path / "a.json"
+    result = autotune.tune("mlp_d1_h16", CIFAR10, TrainConfig(max_epochs=1), 256, 2, CPU, options,
+                           cache=path, concurrent_jobs=2)
+    assert result.lanes_images_per_s[2] > 0
+    entry = json.loads(path.read_text())[result.key]
+    assert entry["lanes"]["channels_last"]["2"] == pytest.approx(result.lanes_images_per_s[2])
+    assert entry["images_per_s"], "the lanes entry keeps the one-network measurements"
+
+
+def test_user_lanes_share_the_threads(tmp_path: Path) -> None:
+    result = autotune.tune(
+        "mlp_d1_h16", CIFAR10, TrainConfig(max_epochs=1), 256, 2, CPU,
+        ExecutionOptions(channels_last=False, compile="off", lanes=2), cache=tmp_path / "a.json",
+    )
+    assert (result.options.lanes, result.options.threads, result.lanes_reason) == (2, 1, "given")
