@@ -73,3 +73,11 @@ def test_predict_dtype_is_compact(small):
     out = predict(model, small[0][:10])
     assert out.dtype == np.int16
     assert out.shape == (10,)
+
+
+def test_predict_batch_size_keeps_predictions(small):
+    model, _ = trained(small, max_epochs=2)
+    default = predict(model, small[0])
+    assert len(default) == len(small[1])
+    np.testing.assert_array_equal(default, predict(model, small[0], batch_size=1000))
+    np.testing.assert_array_equal(default, predict(model, small[0], batch_size=7))

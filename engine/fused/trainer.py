@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 
 JobResult = tuple[NetworkJob, dict[str, Any], dict[str, np.ndarray]]
 
-# Images per forward pass of the exact training-error evaluation, summed over members:
-# the one-network ``predict`` also evaluates 1000 images at a time.
+# Images per forward pass of the exact training-error evaluation, summed over members,
+# as many as the one-network ``predict`` evaluates at a time on a GPU.
 _EVAL_IMAGES = 1000
 
 

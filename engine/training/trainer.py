@@ -241,21 +241,29 @@ def train_network(
     )
 
 
+# Images per forward pass of ``predict``. On a 2-core CPU, shallow CNNs of width 16
+# and 64 predicted 2,000 images about twice as fast in batches of 32 to 100 as in
+# batches of 1,000, whose activations (262 MB at width 64) do not fit the caches.
+PREDICT_BATCH = {"cpu": 64, "cuda": 1000}
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
     images: torch.Tensor,
     device: torch.device | str = "cpu",
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
 ) -> np.ndarray:
     """Return the argmax class of every uint8 image as a compact integer array.
 
-    ``channels_last`` feeds the batches in that memory layout (the layout a model
-    trained with ``channels_last`` has its weights in).
+    ``batch_size`` None evaluates ``PREDICT_BATCH`` images at a time for the
+    device's type. ``channels_last`` feeds the batches in that memory layout (the
+    layout a model trained with ``channels_last`` has its weights in).
     """
     device = torch.device(device)
+    batch_size = batch_size or PREDICT_BATCH.get(device.type, PREDICT_BATCH["cuda"])
     model.to(device).eval()
     out = []
     for start in range(0, len(images), batch_size):
