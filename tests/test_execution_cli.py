@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from engine import recipe as cli
+from engine.experiments.dispatch import run_jobs
 from engine.experiments.jobs import DataContext
 from engine.experiments.plan import NetworkJob
-from engine.fused.trainer import FusedOptions, run_jobs
+from engine.fused.trainer import FusedOptions
 from engine.results.store import RunStore
 from engine.training import TrainConfig
 from engine.training.execution import ExecutionOptions

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.data.datasets import DATA_DIR_ENV
+from engine.experiments.dispatch import run_jobs
 from engine.experiments.jobs import DataContext, run_job
 from engine.experiments.plan import NetworkJob
 from engine.fused import (
@@ -30,7 +31,6 @@ from engine.fused import (
     clear_cache,
     fuse_members,
     fused_train_step,
-    run_jobs,
     strategy,
     train_group,
     trainer,

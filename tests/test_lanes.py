@@ -13,9 +13,9 @@ import torch
 
 from engine.errors import UsageError
 from engine.experiments.deadline import TimeUp
+from engine.experiments.dispatch import run_jobs
 from engine.experiments.jobs import DataContext, run_job
 from engine.experiments.plan import NetworkJob
-from engine.fused.trainer import run_jobs
 from engine.models.registry import CIFAR10
 from engine.training import TrainConfig, autotune
 from engine.training.execution import ExecutionOptions
@@ -183,3 +183,36 @@ def test_user_lanes_share_the_threads(tmp_path: Path) -> None:
         ExecutionOptions(channels_last=False, compile="off", lanes=2), cache=tmp_path / "a.json",
     )
     assert (result.options.lanes, result.options.threads, result.lanes_reason) == (2, 1, "given")
+
+
+def test_children_start_when_parent_finishes(cifar: DataContext) -> None:
+    long = NetworkJob("n1", "shallow_cnn_w8", "cifar10", 0, SUBSET, "true_data", TrainConfig(max_epochs=12))
+    short = NetworkJob("n1", "shallow_cnn_w8", "cifar10", 1, SUBSET, "true_data", TrainConfig(max_epochs=1))
+    child = NetworkJob("n2", "shallow_cnn_w8", "cifar10", 1, SUBSET, "true_data", TrainConfig(max_epochs=1),
+                       parent=short.key)
+    order = [job.key for job, _, _ in run_jobs([long, short], cifar, CPU, execution=LANES, children=[child])]
+    assert sorted(order) == sorted([long.key, short.key, child.key])
+    assert order.index(child.key) < order.index(long.key), "the N2 trained while the long N1 still trained"
+
+
+def test_children_train_on_parent_labels(cifar: DataContext) -> None:
+    config = TrainConfig(max_epochs=1)
+    parent = NetworkJob("n1", "mlp_d1_h16", "cifar10", 0, SUBSET, "true_data", config)
+    child = NetworkJob("n2", "shallow_cnn_w8", "cifar10", 0, SUBSET, "true_data", config, parent=parent.key)
+    alone = ExecutionOptions(channels_last=True, compile="off", threads=1, lanes=1)
+    results = {job.key: (record, predictions)
+               for job, record, predictions in run_jobs([parent], cifar, CPU, execution=LANES, children=[child])}
+    labels = results[parent.key][1]["d2"]
+    expected_record, expected = run_job(child, cifar, CPU, labels, execution=alone)
+    assert results[child.key][0]["train_errors"] == expected_record["train_errors"]
+    assert np.array_equal(results[child.key][1]["d3"], expected["d3"])
+
+
+def test_child_of_failed_parent_not_trained(cifar: DataContext) -> None:
+    parent = NetworkJob("n1", "shallow_cnn_w8", "cifar10", 0, SUBSET, "true_data", TrainConfig(max_epochs=3, lr=1e6))
+    child = NetworkJob("n2", "shallow_cnn_w8", "cifar10", 0, SUBSET, "true_data", TrainConfig(max_epochs=1),
+                       parent=parent.key)
+    for execution in (LANES, None):
+        results = list(run_jobs([parent], cifar, CPU, execution=execution, children=[child]))
+        assert [job.key for job, _, _ in results] == [parent.key]
+        assert results[0][1]["status"] == "failed"

@@ -13,17 +13,18 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from engine.experiments.deadline import Deadline, TimeUp, admit_jobs
+from engine.experiments.dispatch import run_jobs
 from engine.experiments.jobs import DataContext, run_job
 from engine.experiments.plan import NetworkJob, Plan
 from engine.fused.strategy import GroupChoice
-from engine.fused.trainer import FusedOptions, run_jobs
+from engine.fused.trainer import FusedOptions
 from engine.results.store import RunStore
 from engine.training.autotune import TuneResult
 from engine.training.execution import ExecutionOptions
@@ -42,7 +43,13 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """Train on one device in this process, in fused groups where they pay."""
+    """Train on one device in this process, in fused groups or lanes where they pay.
+
+    ``run`` also takes N2 jobs as ``children`` of N1 jobs in the same call, so lanes
+    start each N2 as soon as its N1 is done.
+    """
+
+    trains_children = True
 
     def __init__(
         self,
@@ -64,20 +71,28 @@ class InProcessExecutor:
         jobs: list[NetworkJob],
         parent_d2: Mapping[str, np.ndarray],
         stop: Callable[[], bool] | None = None,
+        children: Sequence[NetworkJob] = (),
     ) -> Iterator[JobResult]:
-        """Train ``jobs``; ``stop`` is called after every epoch, and True abandons the trainings with ``TimeUp``."""
+        """Train ``jobs``, then ``children`` (N2 of those jobs) as their parents finish.
+
+        ``stop`` is called after every epoch, and True abandons the trainings with
+        ``TimeUp``. A child whose parent failed is not trained and yields nothing.
+        """
+        labels = dict(parent_d2)
         # Checkpointed N1 (learning curves) keep per-epoch predictions, which only the
         # one-network trainer records.
         for job in jobs:
             if job.checkpoints:
-                record, predictions = run_job(
-                    job, self.data, self.device, parent_d2.get(job.key), self.execution, stop
-                )
+                record, predictions = run_job(job, self.data, self.device, labels.get(job.key), self.execution, stop)
+                if record["status"] == "ok":
+                    for child in children:
+                        if child.parent == job.key:
+                            labels[child.key] = predictions[child.parent_d2_name]
                 yield job, record, predictions
         rest = [job for job in jobs if not job.checkpoints]
         yield from run_jobs(
-            rest, self.data, self.device, parent_d2, self.options, self.choices.append,
-            execution=self.execution, on_tune=self.tuning.append, stop=stop,
+            rest, self.data, self.device, labels, self.options, self.choices.append,
+            execution=self.execution, on_tune=self.tuning.append, stop=stop, children=children,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -138,7 +153,10 @@ def run_plan(
     """Train the plan's missing jobs, saving each network as soon as it finishes.
 
     Jobs already in the store are skipped, so rerunning a killed command resumes
-    it. An N2 whose N1 failed is not trained and is listed as blocked.
+    it. An N2 whose N1 failed is not trained and is listed as blocked. Without a
+    ``deadline``, an executor that takes ``children`` (the in-process one) gets N1
+    and N2 in one call and starts each N2 when its N1 is done; others get every N1
+    first, then every N2.
 
     With a ``deadline`` (a time budget), each role's jobs go to the executor one
     kind (model and batch size) at a time, and a kind starts only with the jobs whose
@@ -204,6 +222,12 @@ def run_plan(
         bar.write(line) if progress else log.info(line)
         bar.update(1)
 
+    if deadline is None and getattr(executor, "trains_children", False):
+        _run_together(pending, store, report, _save_stream, executor)  # type: ignore[arg-type]
+        bar.update(len(report.blocked))
+        bar.close()
+        report.wall_time_s = time.perf_counter() - started
+        return report
     save_all([job for job in pending if job.role == "n1"], {})
     # An N2 whose N1 the budget left out is left out too.
     skipped_parents = set(report.not_computed)
@@ -215,6 +239,35 @@ def run_plan(
     bar.close()
     report.wall_time_s = time.perf_counter() - started
     return report
+
+
+def _run_together(
+    pending: list[NetworkJob],
+    store: RunStore,
+    report: RunReport,
+    save_stream: Callable[[Iterator[JobResult]], set[str]],
+    executor: InProcessExecutor,
+) -> None:
+    """Train N1 and N2 in one executor call, each N2 as a child of its N1 still to train.
+
+    An N2 whose N1 is already stored trains from the start (or is blocked when that
+    N1 failed), and one whose N1 fails in this call is listed as blocked.
+    """
+    n1 = [job for job in pending if job.role == "n1"]
+    training = {job.key for job in n1}
+    ready, children, parent_d2 = [], [], {}
+    for job in pending:
+        if job.role != "n2":
+            continue
+        if job.parent in training:
+            children.append(job)
+        elif store.has(job.parent) and store.record(job.parent)["status"] == "ok":
+            parent_d2[job.key] = store.predictions(job.parent)[job.parent_d2_name]
+            ready.append(job)
+        else:
+            report.blocked.append(job.key)
+    save_stream(executor.run([*n1, *ready], parent_d2, children=children))
+    report.blocked.extend(job.key for job in children if not store.has(job.key))
 
 
 def _kinds(jobs: list[NetworkJob]) -> list[list[NetworkJob]]:

@@ -602,9 +602,10 @@ def survey_epochs(
     one-network trainer. Then the N2 of the same architecture learn their labels.
     A row contains the dataset, n, model, seed, regime, role, epochs, stop reason and wall time.
     """
+    from engine.experiments.dispatch import run_jobs
     from engine.experiments.jobs import DataContext
     from engine.experiments.plan import NetworkJob
-    from engine.fused.trainer import FusedOptions, run_jobs
+    from engine.fused.trainer import FusedOptions
     from engine.training.config import TrainConfig
 
     data = DataContext(dataset, data_dir)

@@ -44,13 +44,16 @@ def run_in_lanes(
     tasks: Sequence[Callable[[Callable[[], bool]], Iterable[Result]]],
     lanes: int,
     threads: int = 1,
+    follow: Callable[[Result], Sequence[Callable[[Callable[[], bool]], Iterable[Result]]]] | None = None,
 ) -> Iterator[Result]:
     """Run ``tasks`` in ``lanes`` threads and yield each result as soon as its task produces it.
 
     A task is called with a function ``cancelled()`` that it should check between
     epochs, raising any exception to stop, and returns the results of its networks.
     Tasks start in the given order (put the longest first, so the lanes finish
-    together).
+    together). ``follow``, called with each result before it is yielded, returns
+    further tasks that the result made possible (the N2 of a finished N1); they
+    queue behind the tasks already given.
 
     When a task raises, no further task starts, the running ones are cancelled and
     finish their epoch, their finished results are still yielded, and then the first
@@ -73,18 +76,26 @@ def run_in_lanes(
 
     with thread_count(threads):
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane")
-        futures = [pool.submit(run, task) for task in tasks]
-        for future in futures:
+        pending: set[concurrent.futures.Future] = set()
+
+        def submit(task: Callable[[Callable[[], bool]], Iterable[Result]]) -> None:
+            future = pool.submit(run, task)
             future.add_done_callback(lambda _: _notify(ready))
+            pending.add(future)
+
+        for task in tasks:
+            submit(task)
         error: BaseException | None = None
         try:
-            pending = set(futures)
             while pending or results:
                 with ready:
                     if not results and not any(f.done() for f in pending):
                         ready.wait(timeout=1.0)
                     batch, results[:] = list(results), []
                 for result in batch:
+                    if follow is not None and not cancel.is_set():
+                        for task in follow(result):
+                            submit(task)
                     yield result
                 for future in [f for f in pending if f.done()]:
                     pending.discard(future)
