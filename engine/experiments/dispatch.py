@@ -195,42 +195,36 @@ def _train_bucket(
     tuned: TuneResult | None,
     stop: Callable[[], bool] | None,
 ) -> Iterator[JobResult]:
-    """Train a bucket by ``_train_groups`` and save the autotune choice with each network's record."""
-    for job, record, predictions in _train_groups(bucket, choice, data, device, parent_d2, options, tuned, stop):
+    """Train a bucket in groups of the chosen size, with the tuned options where there are any.
+
+    The autotune choice is saved with each network's record.
+    """
+    single = tuned.options if tuned is not None else None
+
+    def trained() -> Iterator[JobResult]:
+        if choice.group_size == 1:
+            for job in bucket:
+                record, predictions = run_job(job, data, device, parent_d2.get(job.key), single, stop)
+                yield job, record, predictions
+            return
+        jobs = bucket
+        if options.share_batches:
+            # Put members that share their images next to each other, so more groups
+            # get the dense first layer: N1 of one seed share D1 unless the regime
+            # draws random images, and N2 of one seed share D2.
+            jobs = sorted(bucket, key=lambda job: (job.seed, job.role, job.regime == "random_images"))
+        for chunk in _balanced_chunks(jobs, choice.group_size):
+            if len(chunk) == 1:
+                record, predictions = run_job(chunk[0], data, device, parent_d2.get(chunk[0].key), single, stop)
+                yield chunk[0], record, predictions
+            else:
+                with thread_count(single.threads if single is not None else torch.get_num_threads()):
+                    yield from train_group(chunk, data, device, parent_d2, options, stop)
+
+    for job, record, predictions in trained():
         if tuned is not None:
             record["autotune"] = tuned.to_dict()
         yield job, record, predictions
-
-
-def _train_groups(
-    bucket: list[NetworkJob],
-    choice: GroupChoice,
-    data: DataContext,
-    device: torch.device,
-    parent_d2: Mapping[str, np.ndarray | None],
-    options: FusedOptions,
-    tuned: TuneResult | None,
-    stop: Callable[[], bool] | None,
-) -> Iterator[JobResult]:
-    """Train a bucket in groups of the chosen size, with the tuned options where there are any."""
-    single = tuned.options if tuned is not None else None
-    if choice.group_size == 1:
-        for job in bucket:
-            record, predictions = run_job(job, data, device, parent_d2.get(job.key), single, stop)
-            yield job, record, predictions
-        return
-    if options.share_batches:
-        # Put members that share their images next to each other, so more groups
-        # get the dense first layer: N1 of one seed share D1 unless the regime
-        # draws random images, and N2 of one seed share D2.
-        bucket = sorted(bucket, key=lambda job: (job.seed, job.role, job.regime == "random_images"))
-    for chunk in _balanced_chunks(bucket, choice.group_size):
-        if len(chunk) == 1:
-            record, predictions = run_job(chunk[0], data, device, parent_d2.get(chunk[0].key), single, stop)
-            yield chunk[0], record, predictions
-        else:
-            with thread_count(single.threads if single is not None else torch.get_num_threads()):
-                yield from train_group(chunk, data, device, parent_d2, options, stop)
 
 
 def _balanced_chunks(jobs: list[NetworkJob], group_size: int) -> list[list[NetworkJob]]:
