@@ -644,3 +644,26 @@ def test_hopeless_grid_stops_timing(recipe, data, monkeypatch):
     assert message.startswith("the grid needs more than "), message
     assert "the networks of shallow_cnn_w16 at batch 64 alone need that" in message
     assert caught.value.needed_s > 60
+
+
+def test_calibration_counts_lanes_measured_faster(tmp_path, monkeypatch):
+    from engine.training import autotune
+    from engine.training.execution import ExecutionOptions
+
+    cache = tmp_path / "autotune.json"
+    monkeypatch.setenv(autotune.CACHE_ENV, str(cache))
+    execution = ExecutionOptions(channels_last=True, compile="off")
+    tuned = autotune.tune("shallow_cnn_w8", CIFAR10, TrainConfig(max_epochs=1), 256, 1, "cpu", execution)
+    entries = json.loads(cache.read_text())
+    entries[tuned.key]["images_per_s"] = {label: 1000.0 for label in entries[tuned.key]["images_per_s"]}
+    entries[tuned.key]["lanes"] = {"channels_last": {"2": 1600.0}}
+    cache.write_text(json.dumps(entries))
+
+    measured = calibrate(
+        ["shallow_cnn_w8"], CIFAR10, [64], "cpu", budget_s=0.1, execution=execution,
+        lane_buckets={("shallow_cnn_w8", 64): [1, 4]},
+    )
+    speed = measured.speed("shallow_cnn_w8", 64)
+    assert speed.lanes == {4: 2}, "one job trains alone; four share two lanes"
+    assert speed.member_step_s[4] == pytest.approx(speed.step_s * 1000 / 1600)
+    assert speed.epoch_seconds(640, 4) == pytest.approx(speed.epoch_seconds(640, 1) * 1000 / 1600)

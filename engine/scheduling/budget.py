@@ -380,6 +380,18 @@ def _fused_buckets(
     return buckets
 
 
+def _lane_buckets(
+    recipe: Recipe, train: TrainConfig, execution: ExecutionOptions | None, device: torch.device | str
+) -> dict[tuple[str, int], list[int]]:
+    """Return the bucket sizes per (model, batch size) where the runner may train in lanes: on a CPU with options."""
+    if execution is None or torch.device(device).type != "cpu" or execution.lanes == 1:
+        return {}
+    buckets: dict[tuple[str, int], list[int]] = {}
+    for (_, model, batch), size in _bucket_sizes(build_plan(recipe, train, None).jobs).items():
+        buckets.setdefault((model, batch), []).append(size)
+    return buckets
+
+
 @dataclass
 class _Estimator:
     """Everything a candidate protocol's estimate needs, gathered once per planning."""
@@ -449,7 +461,10 @@ def _calibrate_for(
     plain = _calibrate_pairs(planned, spec, device, train.precision, {}, stop=hopeless)
     if hopeless(plain):
         return plain
-    tuning = {"execution": execution, "planned_steps": planned}
+    tuning = {
+        "execution": execution, "planned_steps": planned,
+        "lane_buckets": _lane_buckets(recipe, train, execution, device),
+    }
     calibration = _calibrate_pairs(planned, spec, device, train.precision, tuning)
     calibration.measure_time_s += plain.measure_time_s
     buckets = _fused_buckets(recipe, train, options, execution, device)

@@ -30,11 +30,13 @@ from engine.models.registry import InputSpec
 from engine.training.autotune import (
     Candidate,
     TuneResult,
+    choose_lanes,
     make_step,
     thread_count,
     too_small_to_measure_groups,
     tune_module,
 )
+from engine.training.config import TrainConfig
 from engine.training.execution import ExecutionOptions
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,10 @@ class ModelSpeed:
         fixed_s: the part of ``step_s`` that does not depend on the batch size.
         group_sizes: fused group size chosen per bucket size (jobs of this kind in one
             executor call); absent buckets train one network at a time.
-        member_step_s: seconds per step and member in the chosen group, per bucket size.
+        member_step_s: seconds per step and member in the chosen group, per bucket
+            size; with lanes, the seconds per step of the lanes' combined throughput.
+        lanes: lanes chosen per bucket size (networks trained at once in threads);
+            absent buckets train without lanes.
     """
 
     model: str
@@ -81,6 +86,7 @@ class ModelSpeed:
     fixed_s: float = 0.0
     group_sizes: dict[int, int] = field(default_factory=dict)
     member_step_s: dict[int, float] = field(default_factory=dict)
+    lanes: dict[int, int] = field(default_factory=dict)
 
     def epoch_seconds(self, n_images: int, bucket_jobs: int = 1) -> float:
         """Return the seconds of one epoch over ``n_images`` when ``bucket_jobs`` such jobs train together."""
@@ -108,6 +114,7 @@ class ModelSpeed:
             "images_per_s": round(self.batch_size / self.step_s, 1),
             "group_sizes": {str(k): v for k, v in sorted(self.group_sizes.items())},
             "member_step_s": {str(k): round(v, 6) for k, v in sorted(self.member_step_s.items())},
+            "lanes": {str(k): v for k, v in sorted(self.lanes.items())},
         }
 
 
@@ -259,6 +266,7 @@ def calibrate(
     group_size: int | None = None,
     execution: ExecutionOptions | None = None,
     planned_steps: Mapping[tuple[str, int], int] | None = None,
+    lane_buckets: Mapping[tuple[str, int], Sequence[int]] | None = None,
 ) -> Calibration:
     """Measure this device's training speed for every (model, batch size) pair.
 
@@ -283,6 +291,10 @@ def calibrate(
             and the step is timed under them; None times the plain eager step.
         planned_steps: training steps per (model, batch size) that autotuning weighs
             a compilation against (default 0: compile only where the user asked).
+        lane_buckets: for (model, batch size), the bucket sizes of the run. With
+            ``execution``, each bucket that trains one network at a time gets the
+            lanes the runner will choose (``autotune.choose_lanes``), and its member
+            step time becomes the one-network step scaled by the lanes' speed-up.
 
     Step times are cached per process, so a second calibration of the same pairs is
     free and ``measure_time_s`` counts only what this call measured.
@@ -306,6 +318,9 @@ def calibrate(
                     _add_fused_speeds(
                         speed, dataset_spec, device, precision, share_batches, buckets, group_size, budget_s, tuned
                     )
+            lane_sizes = (lane_buckets or {}).get((model, batch_size), ())
+            if tuned is not None and execution is not None and lane_sizes:
+                _add_lane_speeds(speed, tuned, dataset_spec, device, precision, execution, lane_sizes)
             speeds[model, batch_size] = speed
             if not cached:
                 log.info("calibrated %s at batch %d on %s: %.1f ms per step", model, batch_size, device, 1e3 * step_s)
@@ -327,6 +342,45 @@ def _tuned_options(
         network, (spec.channels, spec.height, spec.width), batch_size, precision, device, execution,
         planned_steps=planned_steps, label=model,
     )
+
+
+def _add_lane_speeds(
+    speed: ModelSpeed,
+    tuned: TuneResult,
+    spec: InputSpec,
+    device: torch.device,
+    precision: str,
+    execution: ExecutionOptions,
+    buckets: Sequence[int],
+) -> None:
+    """Record the lanes the runner will use per bucket, and their step time per network.
+
+    As in ``autotune.tune``, a fused group recorded for the bucket stays only if it
+    beats the lanes by ``FUSED_MARGIN``.
+    """
+    single = tuned.images_per_s.get(tuned.chosen.label)
+    if not single:
+        return
+    with torch.random.fork_rng(devices=[]):
+        network = create_model(speed.model, spec)
+    config = TrainConfig(batch_size=speed.batch_size, precision=precision)
+    for bucket in sorted(set(buckets)):
+        if bucket < 2:
+            continue
+        result = dataclasses.replace(tuned)
+        choose_lanes(
+            result, network, (spec.channels, spec.height, spec.width), config, device, execution, bucket, None,
+            speed.model,
+        )
+        lanes = result.options.lanes or 1
+        if lanes == 1:
+            continue
+        lane_step_s = speed.step_s * single / result.lanes_images_per_s[lanes]
+        if speed.group_sizes.get(bucket, 1) > 1 and lane_step_s >= FUSED_MARGIN * speed.member_step_s[bucket]:
+            continue
+        speed.group_sizes.pop(bucket, None)
+        speed.lanes[bucket] = lanes
+        speed.member_step_s[bucket] = lane_step_s
 
 
 def _add_fused_speeds(

@@ -582,6 +582,15 @@ def tune(
 
     fusable = is_fusable(template_model(model_name, spec)) and not (config.precision == "fp16" and device.type == "cuda")
     batch, precision = config.batch_size, config.precision
+    single_options = result.options
+    single = result.images_per_s.get(result.chosen.label)
+    if group_size is not None and group_size > 1:
+        result.options = dataclasses.replace(single_options, lanes=1)
+        result.lanes_reason = "fused groups"
+    else:
+        choose_lanes(result, model, input_shape, config, device, options, concurrent_jobs, cache, model_name)
+    lanes = result.options.lanes or 1
+    lanes_speed = result.lanes_images_per_s.get(lanes) if lanes > 1 else None
     if group_size is not None:
         group = fixed_choice(model_name, device, batch, group_size, precision, shared_batches, "fixed")
     elif not fusable or n_jobs == 1:
@@ -596,17 +605,20 @@ def tune(
         group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, reason)
     else:
         group = choose_group_size(model_name, spec, batch, n_jobs, device, shared=shared_batches, precision=precision)
-        single = result.images_per_s.get(result.chosen.label)
         fused = group.images_per_s.get(group.group_size, 0.0)
-        if group.group_size > 1 and single is not None and fused < FUSED_MARGIN * single:
+        rival = max(single or 0.0, lanes_speed or 0.0)
+        if group.group_size > 1 and rival and fused < FUSED_MARGIN * rival:
+            alternative = f"{lanes} lanes" if lanes_speed and lanes_speed >= (single or 0.0) else "tuned one-network"
             log.info(
-                "autotune %s: fused G=%d (%.0f images/s) is not %.0f%% faster than tuned one-network training "
-                "(%.0f images/s); training one at a time",
-                model_name, group.group_size, fused, 100 * (FUSED_MARGIN - 1), single,
+                "autotune %s: fused G=%d (%.0f images/s) is not %.0f%% faster than %s training "
+                "(%.0f images/s); training one network at a time",
+                model_name, group.group_size, fused, 100 * (FUSED_MARGIN - 1), alternative, rival,
             )
-            group = dataclasses.replace(group, group_size=1, reason="tuned one-network faster")
+            group = dataclasses.replace(group, group_size=1, reason=f"{alternative} faster")
+        elif group.group_size > 1 and lanes > 1:
+            result.options = dataclasses.replace(single_options, lanes=1)
+            result.lanes_reason = f"fused G={group.group_size} faster than {lanes} lanes"
     result.group = group
-    _choose_lanes(result, model, input_shape, config, device, options, concurrent_jobs, cache, model_name)
     return result
 
 
@@ -631,7 +643,7 @@ def _lanes_unmeasured_reason(
     return ""
 
 
-def _choose_lanes(
+def choose_lanes(
     result: TuneResult,
     model: nn.Module,
     input_shape: Sequence[int],
@@ -642,7 +654,11 @@ def _choose_lanes(
     cache: Path | str | None | bool,
     label: str,
 ) -> None:
-    """Set ``result.options.lanes``: the user's value, else one lane per thread where measured to pay."""
+    """Set ``result.options.lanes``: the user's value, else one lane per thread where measured to pay.
+
+    The lanes are timed once per cache entry and layout (``lanes`` in the entry) and
+    compared with the tuned one-network speed in ``result``.
+    """
     from engine.training.lanes import measure_lanes
 
     chosen = result.options
