@@ -661,9 +661,10 @@ def test_calibration_counts_lanes_measured_faster(tmp_path, monkeypatch):
 
     measured = calibrate(
         ["shallow_cnn_w8"], CIFAR10, [64], "cpu", budget_s=0.1, execution=execution,
-        lane_buckets={("shallow_cnn_w8", 64): [1, 4]},
+        lane_buckets={("shallow_cnn_w8", 64): [1, 4, 5]},
     )
     speed = measured.speed("shallow_cnn_w8", 64)
-    assert speed.lanes == {4: 2}, "one job trains alone; four share two lanes"
-    assert speed.member_step_s[4] == pytest.approx(speed.step_s * 1000 / 1600)
-    assert speed.epoch_seconds(640, 4) == pytest.approx(speed.epoch_seconds(640, 1) * 1000 / 1600)
+    assert speed.lanes == {4: 2, 5: 2}, "one job trains alone; four and five share two lanes"
+    assert speed.member_step_s[4] == pytest.approx(64 / 1600)
+    assert speed.member_step_s[5] == pytest.approx(64 / 1600 * 6 / 5), "the last of five runs with a lane idle"
+    assert speed.epoch_seconds(640, 4) == pytest.approx(speed.epoch_seconds(640, 1) * 64 / 1600 / speed.step_s)

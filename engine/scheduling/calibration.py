@@ -77,7 +77,8 @@ class ModelSpeed:
         member_step_s: seconds per step and member in the chosen group, per bucket
             size; with lanes, the seconds per step of the lanes' combined throughput.
         lanes: lanes chosen per bucket size (networks trained at once in threads);
-            absent buckets train without lanes.
+            absent buckets train without lanes. Their member step is the lanes'
+            measured step time per network, raised where the bucket leaves lanes idle.
     """
 
     model: str
@@ -375,7 +376,11 @@ def _add_lane_speeds(
         lanes = result.options.lanes or 1
         if lanes == 1:
             continue
-        lane_step_s = speed.step_s * single / result.lanes_images_per_s[lanes]
+        # The lanes' own throughput, not a ratio to the one-network step: the two
+        # autotune timings behind a ratio can be far apart on a busy machine. A bucket
+        # that does not fill the last round of lanes leaves some lanes idle.
+        rounds = math.ceil(bucket / lanes)
+        lane_step_s = speed.batch_size / result.lanes_images_per_s[lanes] * rounds * lanes / bucket
         if speed.group_sizes.get(bucket, 1) > 1 and lane_step_s >= FUSED_MARGIN * speed.member_step_s[bucket]:
             continue
         speed.group_sizes.pop(bucket, None)
