@@ -84,7 +84,7 @@ def test_run_in_lanes_runs_tasks_at_once() -> None:
 
         return run
 
-    results = list(run_in_lanes([task(i) for i in range(5)], lanes=2))
+    results = list(run_in_lanes([(1.0, task(i)) for i in range(5)], lanes=2))
     assert sorted(results) == sorted([*range(5), *range(100, 105)])
     assert peak[0] == 2
 
@@ -105,10 +105,22 @@ def test_run_in_lanes_raises_first_error() -> None:
 
     seen = []
     with pytest.raises(ValueError, match="broken network"):
-        for result in run_in_lanes([good, bad, later], lanes=2):
+        for result in run_in_lanes([(3.0, good), (2.0, bad), (1.0, later)], lanes=2):
             seen.append(result)
     assert seen == ["good"], "the running task's result is kept"
     assert started == [], "the queued task does not start"
+
+
+def test_run_in_lanes_starts_longest_ready_task() -> None:
+    def task(name: str):
+        return lambda cancelled: [name]
+
+    def follow(result: str):
+        return [(5.0, task("released long")), (0.5, task("released short"))] if result == "first" else []
+
+    tasks = [(1.0, task("short")), (9.0, task("first")), (2.0, task("middle"))]
+    order = list(run_in_lanes(tasks, lanes=1, follow=follow))
+    assert order == ["first", "released long", "middle", "short", "released short"]
 
 
 def test_closing_the_lanes_cancels_running_tasks() -> None:
@@ -125,7 +137,7 @@ def test_closing_the_lanes_cancels_running_tasks() -> None:
     def short(cancelled):
         return ["short"]
 
-    results = run_in_lanes([long, short], lanes=2)
+    results = run_in_lanes([(2.0, long), (1.0, short)], lanes=2)
     assert next(results) == "short"
     results.close()
     assert stopped == [True]

@@ -133,7 +133,11 @@ def run_jobs(
             ready.extend(kid for kid in kids if _bucket_key(kid, data) not in laned)
             return [(kid, laned[_bucket_key(kid, data)]) for kid in kids if _bucket_key(kid, data) in laned]
 
-        yield from _train_in_lanes(start, data, device, labels, stop, follow, laned.values())
+        kids_in_lanes = {
+            parent: [(kid, laned[_bucket_key(kid, data)]) for kid in kids if _bucket_key(kid, data) in laned]
+            for parent, kids in waiting.items()
+        }
+        yield from _train_in_lanes(start, data, device, labels, stop, follow, laned.values(), kids_in_lanes)
     # Children of a sequential bucket whose parents have finished, in their buckets' groups.
     for key, (bucket, choice, tuned) in decided.items():
         later = [job for job in ready if _bucket_key(job, data) == key]
@@ -154,16 +158,22 @@ def _train_in_lanes(
     stop: Callable[[], bool] | None,
     follow: Callable[[JobResult], list[tuple[NetworkJob, TuneResult]]],
     tuned_buckets: Iterable[TuneResult],
+    kids_in_lanes: Mapping[str, list[tuple[NetworkJob, TuneResult]]],
 ) -> Iterator[JobResult]:
-    """Train jobs in lanes, the longest first, then the ones ``follow`` releases, and yield each as it finishes.
+    """Train jobs in lanes, and the ones ``follow`` releases, and yield each as it finishes.
 
-    A job's length is its training-set size over its tuned images/s, so the lanes,
-    which take the next job as they free up, finish close together.
+    A free lane starts the ready job of highest priority: its length (training-set
+    size over tuned images/s) plus, for an N1, the length of its longest N2 in
+    ``kids_in_lanes``. So the lanes finish close together.
     """
 
-    def length(item: tuple[NetworkJob, TuneResult]) -> float:
-        job, tuned = item
+    def length(job: NetworkJob, tuned: TuneResult) -> float:
         return _bucket_key(job, data)[-1] / (tuned.images_per_s.get(tuned.chosen.label) or 1.0)
+
+    def priority(job: NetworkJob, tuned: TuneResult) -> float:
+        # An N1 counts with its longest N2, so that the N2 it releases need not wait.
+        kids = [length(kid, kid_tuned) for kid, kid_tuned in kids_in_lanes.get(job.key, ())]
+        return length(job, tuned) + max(kids, default=0.0)
 
     def task(job: NetworkJob, tuned: TuneResult) -> Callable[[Callable[[], bool]], list[JobResult]]:
         def train(cancelled: Callable[[], bool]) -> list[JobResult]:
@@ -176,8 +186,8 @@ def _train_in_lanes(
 
         return train
 
-    def tasks(items: list[tuple[NetworkJob, TuneResult]]) -> list[Callable[[Callable[[], bool]], list[JobResult]]]:
-        return [task(job, tuned) for job, tuned in sorted(items, key=length, reverse=True)]
+    def tasks(items: list[tuple[NetworkJob, TuneResult]]) -> list[tuple[float, Callable]]:
+        return [(priority(job, tuned), task(job, tuned)) for job, tuned in items]
 
     lanes = max(tuned.options.lanes or 1 for tuned in tuned_buckets)
     threads = max(tuned.options.threads or 1 for tuned in tuned_buckets)

@@ -20,6 +20,8 @@ before the lanes start and restored when they end.
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
+import itertools
 import threading
 import time
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
@@ -40,20 +42,24 @@ class Cancelled(Exception):
     """Raised in a lane's training when the lanes were stopped; never leaves ``run_in_lanes``."""
 
 
+Task = Callable[[Callable[[], bool]], Iterable[Result]]
+
+
 def run_in_lanes(
-    tasks: Sequence[Callable[[Callable[[], bool]], Iterable[Result]]],
+    tasks: Sequence[tuple[float, Task]],
     lanes: int,
     threads: int = 1,
-    follow: Callable[[Result], Sequence[Callable[[Callable[[], bool]], Iterable[Result]]]] | None = None,
+    follow: Callable[[Result], Sequence[tuple[float, Task]]] | None = None,
 ) -> Iterator[Result]:
     """Run ``tasks`` in ``lanes`` threads and yield each result as soon as its task produces it.
 
-    A task is called with a function ``cancelled()`` that it should check between
-    epochs, raising any exception to stop, and returns the results of its networks.
-    Tasks start in the given order (put the longest first, so the lanes finish
-    together). ``follow``, called with each result before it is yielded, returns
-    further tasks that the result made possible (the N2 of a finished N1); they
-    queue behind the tasks already given.
+    ``tasks`` are ``(priority, task)`` pairs. A task is called with a function
+    ``cancelled()`` that it should check between epochs, raising any exception to
+    stop, and returns the results of its networks. Whenever a lane is free it starts
+    the ready task of highest priority (its estimated seconds, so the longest starts
+    first and the lanes finish together). ``follow``, called with each result before
+    it is yielded, returns further tasks that the result made possible (the N2 of a
+    finished N1).
 
     When a task raises, no further task starts, the running ones are cancelled and
     finish their epoch, their finished results are still yielded, and then the first
@@ -64,8 +70,10 @@ def run_in_lanes(
     results: list[Result] = []
     lock = threading.Lock()
     ready = threading.Condition(lock)
+    queue: list[tuple[float, int, Task]] = []
+    order = itertools.count()
 
-    def run(task: Callable[[Callable[[], bool]], Iterable[Result]]) -> None:
+    def run(task: Task) -> None:
         torch.set_num_threads(threads)
         if cancel.is_set():
             raise Cancelled()
@@ -74,37 +82,42 @@ def run_in_lanes(
                 results.append(result)
                 ready.notify()
 
+    def add(items: Sequence[tuple[float, Task]]) -> None:
+        for priority, task in items:
+            heapq.heappush(queue, (-priority, next(order), task))
+
     with thread_count(threads):
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane")
-        pending: set[concurrent.futures.Future] = set()
+        running: set[concurrent.futures.Future] = set()
 
-        def submit(task: Callable[[Callable[[], bool]], Iterable[Result]]) -> None:
-            future = pool.submit(run, task)
-            future.add_done_callback(lambda _: _notify(ready))
-            pending.add(future)
+        def start_ready() -> None:
+            while queue and len(running) < lanes and not cancel.is_set():
+                future = pool.submit(run, heapq.heappop(queue)[2])
+                future.add_done_callback(lambda _: _notify(ready))
+                running.add(future)
 
-        for task in tasks:
-            submit(task)
+        add(tasks)
+        start_ready()
         error: BaseException | None = None
         try:
-            while pending or results:
+            while running or results:
                 with ready:
-                    if not results and not any(f.done() for f in pending):
+                    if not results and not any(f.done() for f in running):
                         ready.wait(timeout=1.0)
                     batch, results[:] = list(results), []
                 for result in batch:
                     if follow is not None and not cancel.is_set():
-                        for task in follow(result):
-                            submit(task)
+                        add(follow(result))
+                    start_ready()
                     yield result
-                for future in [f for f in pending if f.done()]:
-                    pending.discard(future)
-                    failure = future.exception() if not future.cancelled() else None
+                for future in [f for f in running if f.done()]:
+                    running.discard(future)
+                    failure = future.exception()
                     if failure is not None and not isinstance(failure, Cancelled) and error is None:
                         error = failure
                         cancel.set()
-                        for other in pending:
-                            other.cancel()
+                        queue.clear()
+                start_ready()
         finally:
             cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
