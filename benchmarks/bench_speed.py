@@ -56,6 +56,7 @@ STEP_BUDGET_S = {16: 1.5, 128: 4.0}  # timed seconds per candidate, over 3 inter
 E2E_WIDTHS = (16, 32, 64)
 E2E_SUBSET = 1000
 E2E_EPOCHS = 3
+E2E_ROUNDS = 2  # rounds of the plain loop and of the cached recipe path
 
 # Rows of the summary tables printed at the end of the module.
 _ROWS: dict[str, list[str]] = {"loader": [], "step": [], "end_to_end": []}
@@ -288,14 +289,23 @@ def test_end_to_end_table10_like(benchmark, monkeypatch, tmp_path):
     # The recipe command's path first with an empty autotune cache (it measures),
     # then the plain loop with the process's threads and with one thread, then the
     # recipe path again with the cache filled by its first run, and the one-network
-    # trainer alone (train_network, one network after another, cache filled).
+    # trainer alone (train_network, one network after another, cache filled). The
+    # plain loop and the cached recipe path run twice, interleaved, and the faster
+    # round of each counts, so a burst of load on the machine hits both alike.
     recipe_cold_s, _, _ = _recipe_path(tmp_path / "cold")
-    plain_s, plain_agree = _grid(cifar, split, _plain_train, _plain_predict)
     with thread_count(1):
         plain_one_thread_s, _ = _grid(cifar, split, _plain_train, _plain_predict)
-    recipe_s, recipe_agree, chosen = benchmark.pedantic(
-        _recipe_path, args=(tmp_path / "warm",), rounds=1, iterations=1
-    )
+    plain_rounds, recipe_rounds = [], []
+    for round_index in range(E2E_ROUNDS):
+        plain_rounds.append(_grid(cifar, split, _plain_train, _plain_predict))
+        store_dir = tmp_path / f"warm{round_index}"
+        if round_index == E2E_ROUNDS - 1:
+            # pytest-benchmark's own table shows the last round.
+            recipe_rounds.append(benchmark.pedantic(_recipe_path, args=(store_dir,), rounds=1, iterations=1))
+        else:
+            recipe_rounds.append(_recipe_path(store_dir))
+    plain_s, plain_agree = min(plain_rounds, key=lambda result: result[0])
+    recipe_s, recipe_agree, chosen = min(recipe_rounds, key=lambda result: result[0])
     engine_warm_s, engine_agree = _grid(cifar, split, _engine_train, predict)
     # bf16 autocast changes the protocol's precision: only with the user's --amp bf16.
     engine_bf16_s, bf16_agree = _grid(cifar, split, _engine_train_bf16, _predict_bf16)
@@ -303,6 +313,7 @@ def test_end_to_end_table10_like(benchmark, monkeypatch, tmp_path):
     benchmark.extra_info.update(
         plain_s=plain_s, plain_one_thread_s=plain_one_thread_s, recipe_cold_s=recipe_cold_s, recipe_s=recipe_s,
         engine_warm_s=engine_warm_s, engine_bf16_s=engine_bf16_s, chosen=chosen, threads=torch.get_num_threads(),
+        plain_rounds_s=[result[0] for result in plain_rounds], recipe_rounds_s=[result[0] for result in recipe_rounds],
         load_average_start=load, load_average_end=os.getloadavg()[0],
     )
     rows = _ROWS["end_to_end"]
@@ -311,13 +322,16 @@ def test_end_to_end_table10_like(benchmark, monkeypatch, tmp_path):
         f"{E2E_EPOCHS} epochs each, batch {BATCH}; process threads {torch.get_num_threads()}; "
         f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}"
     )
-    rows.append(f"plain PyTorch loop       {plain_s:7.1f} s   (process threads)")
+    rounds = ", ".join(f"{result[0]:.1f}" for result in plain_rounds)
+    rows.append(f"plain PyTorch loop       {plain_s:7.1f} s   (process threads; rounds {rounds} s)")
     rows.append(f"plain loop, 1 thread     {plain_one_thread_s:7.1f} s   {plain_s / plain_one_thread_s:5.2f}x")
     rows.append(
         f"engine, autotune cold    {recipe_cold_s:7.1f} s   {plain_s / recipe_cold_s:5.2f}x faster than the plain loop "
         "(recipe path: run_plan)"
     )
-    rows.append(f"engine, autotune cached  {recipe_s:7.1f} s   {plain_s / recipe_s:5.2f}x   chosen: {chosen}")
+    rounds = ", ".join(f"{result[0]:.1f}" for result in recipe_rounds)
+    rows.append(f"engine, autotune cached  {recipe_s:7.1f} s   {plain_s / recipe_s:5.2f}x (rounds {rounds} s)")
+    rows.append(f"  chosen: {chosen}")
     rows.append(f"one network at a time    {engine_warm_s:7.1f} s   {plain_s / engine_warm_s:5.2f}x (train_network, cached)")
     rows.append(
         f"engine, --amp bf16       {engine_bf16_s:7.1f} s   {plain_s / engine_bf16_s:5.2f}x "

@@ -656,7 +656,9 @@ def test_calibration_counts_lanes_measured_faster(tmp_path, monkeypatch):
     tuned = autotune.tune("shallow_cnn_w8", CIFAR10, TrainConfig(max_epochs=1), 256, 1, "cpu", execution)
     entries = json.loads(cache.read_text())
     entries[tuned.key]["images_per_s"] = {label: 1000.0 for label in entries[tuned.key]["images_per_s"]}
-    entries[tuned.key]["lanes"] = {"channels_last": {"2": 1600.0}}
+    entries[tuned.key]["lanes"] = {"channels_last": {
+        f"2,channels_last,compile=off,threads={threads}": [1600.0, 1000.0] for threads in (1, 2)
+    }}
     cache.write_text(json.dumps(entries))
 
     measured = calibrate(

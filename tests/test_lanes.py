@@ -160,7 +160,9 @@ def _cached_tune(tmp_path: Path, lanes_speed: float, single_speed: float, concur
     entries = json.loads(path.read_text())
     entry = entries[first.key]
     entry["images_per_s"] = {label: single_speed for label in entry["images_per_s"]}
-    entry["lanes"] = {"channels_last": {"2": lanes_speed}}
+    entry["lanes"] = {"channels_last": {
+        f"2,channels_last,compile=off,threads={threads}": [lanes_speed, single_speed] for threads in (1, 2)
+    }}
     path.write_text(json.dumps(entries))
     return autotune.tune(
         "shallow_cnn_w8", CIFAR10, config, 256, 1, CPU, options, cache=path, concurrent_jobs=concurrent_jobs
@@ -170,7 +172,7 @@ def _cached_tune(tmp_path: Path, lanes_speed: float, single_speed: float, concur
 def test_tune_chooses_lanes_only_when_they_pay(tmp_path: Path) -> None:
     chosen = _cached_tune(tmp_path, lanes_speed=1500.0, single_speed=1000.0)
     assert (chosen.options.lanes, chosen.options.threads) == (2, 1)
-    assert chosen.to_dict()["lanes_images_per_s"] == {"2": 1500.0}
+    assert chosen.to_dict()["lanes_images_per_s"] == {"1": 1000.0, "2": 1500.0}
     rejected = _cached_tune(tmp_path, lanes_speed=1020.0, single_speed=1000.0)
     assert rejected.options.lanes == 1
     assert "not 1.05x" in rejected.lanes_reason
@@ -185,7 +187,8 @@ def test_tune_measures_lanes_and_caches_them(tmp_path: Path) -> None:
                            cache=path, concurrent_jobs=2)
     assert result.lanes_images_per_s[2] > 0
     entry = json.loads(path.read_text())[result.key]
-    assert entry["lanes"]["channels_last"]["2"] == pytest.approx(result.lanes_images_per_s[2])
+    (paired,) = entry["lanes"]["channels_last"].values()
+    assert paired == pytest.approx([result.lanes_images_per_s[2], result.lanes_images_per_s[1]])
     assert entry["images_per_s"], "the lanes entry keeps the one-network measurements"
 
 

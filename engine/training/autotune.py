@@ -84,6 +84,8 @@ COMPILE_MARGIN = 1.03
 # Lanes (networks trained at once, one thread each) are chosen only if they beat the
 # tuned one-network throughput by this factor.
 LANES_MARGIN = 1.05
+# Seconds of timed steps of the lanes, and again of one network beside them.
+LANES_BUDGET_S = 0.4
 
 # (cache key, candidate label) compiled in this process: their compilation is paid.
 _COMPILED_HERE: set[tuple[str, str]] = set()
@@ -672,19 +674,20 @@ def choose_lanes(
     entry = load_cache(path).get(result.key, {}) if path is not None else {}
     layout = "channels_last" if chosen.channels_last else "nchw"
     measured = dict(entry.get("lanes", {}).get(layout, {}))
-    if str(lanes) not in measured:
-        measured[str(lanes)] = measure_lanes(
-            model, bool(chosen.channels_last), input_shape, config.batch_size, config.precision, device, lanes,
-            BUDGET_S,
+    # The one network is timed again beside the lanes, in alternating windows, so the
+    # comparison does not mix timings taken at different times.
+    paired = f"{lanes},{result.chosen.label}"
+    if paired not in measured:
+        measured[paired] = measure_lanes(
+            model, result.chosen, input_shape, config.batch_size, config.precision, device, lanes, LANES_BUDGET_S,
         )
         result.source = "measured"
         if path is not None:
             current = load_cache(path).get(result.key, {})
             save_entry(path, result.key, {**current, "lanes": {**current.get("lanes", {}), layout: measured}})
-    together = measured[str(lanes)]
-    single = result.images_per_s.get(result.chosen.label)
-    result.lanes_images_per_s = {lanes: together}
-    if single is not None and together > LANES_MARGIN * single:
+    together, single = measured[paired]
+    result.lanes_images_per_s = {1: single, lanes: together}
+    if together > LANES_MARGIN * single:
         result.options = dataclasses.replace(chosen, lanes=lanes, threads=1)
         result.lanes_reason = f"measured: {together:.0f} images/s against {single:.0f} for one network"
         log.info(
@@ -693,5 +696,5 @@ def choose_lanes(
         )
     else:
         result.options = dataclasses.replace(chosen, lanes=1)
-        result.lanes_reason = f"measured: {together:.0f} images/s, not {LANES_MARGIN:.2f}x one network's {single}"
+        result.lanes_reason = f"measured: {together:.0f} images/s, not {LANES_MARGIN:.2f}x one network's {single:.0f}"
 

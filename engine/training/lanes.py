@@ -132,46 +132,72 @@ def _notify(condition: threading.Condition) -> None:
 
 def measure_lanes(
     model: torch.nn.Module,
-    channels_last: bool,
+    single: Candidate,
     input_shape: Sequence[int],
     batch_size: int,
     precision: str,
     device: torch.device,
     lanes: int,
     budget_s: float,
-    windows: int = 3,
-) -> float:
-    """Return the images/s of ``lanes`` copies of ``model`` stepping at once, one thread each.
+    windows: int = 4,
+) -> tuple[float, float]:
+    """Return the images/s of ``lanes`` copies of ``model`` stepping at once, and of one copy under ``single``.
 
-    Each copy runs the trainer's eager step (see ``autotune.make_step``) in its own
-    thread. The fastest of ``windows`` windows of about ``budget_s / windows``
-    seconds counts, as for the other autotuning candidates.
+    Each lane runs the trainer's eager step (see ``autotune.make_step``) with one
+    thread in a thread of its own, kept for all windows and warmed up in that
+    thread. Windows of the lanes and of the one network under ``single`` (its
+    layout and thread count) alternate, ``windows`` of each, about ``budget_s /
+    windows`` seconds long, so load from other processes hits both alike. Each
+    throughput is images over time in all windows, summed over the lanes. The fastest window,
+    which ranks the other candidates, would favour the one network: with several
+    threads it is the one that a descheduled thread stalls, and a single window
+    often escapes that.
     """
-    candidate = Candidate(channels_last, "off", 1)
+    lane = Candidate(single.channels_last, "off", 1)
     with thread_count(1):
-        steps = [make_step(model, candidate, input_shape, batch_size, precision, device) for _ in range(lanes)]
-        for step in steps:
-            step(0)
-        window_s = budget_s / windows
-        best = 0.0
+        steps = [make_step(model, lane, input_shape, batch_size, precision, device) for _ in range(lanes)]
+    alone = make_step(model, single, input_shape, batch_size, precision, device)
+    window_s = budget_s / windows
+    counts, seconds = [0] * lanes, [0.0] * lanes
+    warm, start, end = (threading.Barrier(lanes + 1) for _ in range(3))
+
+    def run(index: int) -> None:
+        torch.set_num_threads(1)
+        steps[index](0)
+        warm.wait()
         for _ in range(windows):
-            counts = [0] * lanes
-            start = threading.Barrier(lanes + 1)
-
-            def run(lane: int) -> None:
-                torch.set_num_threads(1)
-                start.wait()
-                began = time.perf_counter()
-                while counts[lane] == 0 or time.perf_counter() - began < window_s:
-                    steps[lane](counts[lane] + 1)
-                    counts[lane] += 1
-
-            workers = [threading.Thread(target=run, args=(lane,)) for lane in range(lanes)]
-            for worker in workers:
-                worker.start()
             start.wait()
-            began = time.perf_counter()
-            for worker in workers:
-                worker.join()
-            best = max(best, sum(counts) * batch_size / (time.perf_counter() - began))
-    return best
+            began, count = time.perf_counter(), 0
+            while count == 0 or time.perf_counter() - began < window_s:
+                count += 1
+                steps[index](counts[index] + count)
+            counts[index] += count
+            seconds[index] += time.perf_counter() - began
+            end.wait()
+
+    one_images, one_s = 0, 0.0
+    with thread_count(1):
+        workers = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(lanes)]
+        for worker in workers:
+            worker.start()
+        # The thread count is the process's, so the one network's warm-up waits for the lanes'.
+        warm.wait()
+    with thread_count(single.threads):
+        alone(0)
+    for _ in range(windows):
+        with thread_count(1):
+            start.wait()
+            end.wait()
+        with thread_count(single.threads):
+            began, count = time.perf_counter(), 0
+            while count == 0 or time.perf_counter() - began < window_s:
+                count += 1
+                alone(count)
+            one_s += time.perf_counter() - began
+            one_images += count * batch_size
+    for worker in workers:
+        worker.join()
+    # Each lane's own steps over its own time: a lane that finishes its window first
+    # and waits for the others is not counted as running.
+    together = sum(count * batch_size / spent for count, spent in zip(counts, seconds))
+    return together, one_images / one_s
