@@ -293,9 +293,9 @@ def calibrate(
         planned_steps: training steps per (model, batch size) that autotuning weighs
             a compilation against (default 0: compile only where the user asked).
         lane_buckets: for (model, batch size), the bucket sizes of the run. With
-            ``execution``, each bucket that trains one network at a time gets the
-            lanes the runner will choose (``autotune.choose_lanes``), and its member
-            step time becomes the one-network step scaled by the lanes' speed-up.
+            ``execution``, each bucket gets the lanes the runner will choose
+            (``autotune.choose_lanes``), and its member step time becomes the lanes'
+            measured step time per network.
 
     Step times are cached per process, so a second calibration of the same pairs is
     free and ``measure_time_s`` counts only what this call measured.

@@ -4,7 +4,9 @@ Tuned per device, architecture, input shape, batch size and precision: the memor
 layout (NCHW or channels_last), ``torch.compile`` (off or a mode) and, on a CPU,
 the thread count (1 or the process's count). Each combination is timed with the
 tensor loader. For the fused families the group size is chosen too, by
-``engine.fused.strategy.choose_group_size``. These options change only the rounding
+``engine.fused.strategy.choose_group_size``. On a CPU, lanes (one network per
+thread, several trained at once, see ``engine.training.lanes``) are timed against
+one network and kept where they are faster. These options change only the rounding
 of a run, so results stay within seed noise. Threads matter on a shared machine: with
 other processes busy on a 2-core CPU, one thread trained a shallow CNN 1.6 to 3 times
 faster than two, whose every parallel operator waits for the descheduled thread.
@@ -561,7 +563,8 @@ def tune(
     shared among them. Otherwise, on a CPU with several threads, when networks train
     one at a time in eager mode and ``concurrent_jobs`` (the jobs of this run that
     could train together, of any kind) is at least 2, one lane per thread is timed
-    and kept if it beats the tuned one-network throughput by ``LANES_MARGIN``.
+    against one network under the tuned options, and kept if it beats that by
+    ``LANES_MARGIN``.
     """
     from engine.fused.modules import is_fusable
     from engine.fused.strategy import FUSED_MARGIN, choose_group_size, fixed_choice, template_model
@@ -658,8 +661,9 @@ def choose_lanes(
 ) -> None:
     """Set ``result.options.lanes``: the user's value, else one lane per thread where measured to pay.
 
-    The lanes are timed once per cache entry and layout (``lanes`` in the entry) and
-    compared with the tuned one-network speed in ``result``.
+    The lanes are timed against one network under the options in ``result``, in
+    alternating windows (``lanes.measure_lanes``), once per cache entry, layout and
+    one-network candidate (``lanes`` in the entry).
     """
     from engine.training.lanes import measure_lanes
 
@@ -670,7 +674,11 @@ def choose_lanes(
         result.options = dataclasses.replace(chosen, lanes=options.lanes or 1)
         result.lanes_reason = reason
         return
-    path = None if cache is False else (cache_path() if cache is None else Path(cache))
+    path = None
+    if cache is None:
+        path = cache_path()
+    elif cache is not False:
+        path = Path(cache)
     entry = load_cache(path).get(result.key, {}) if path is not None else {}
     layout = "channels_last" if chosen.channels_last else "nchw"
     measured = dict(entry.get("lanes", {}).get(layout, {}))
