@@ -1,6 +1,8 @@
-"""Parse and check the ``--device`` option."""
+"""The ``--device`` option, and the CPUs this process may use."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -33,3 +35,10 @@ def resolve_device(name: str) -> torch.device:
             raise UsageError(f"device {name!r} requested but MPS is not available; use --device cpu")
         return device
     raise UsageError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or mps")
+
+
+def usable_cpus() -> int:
+    """Return the CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

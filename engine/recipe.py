@@ -21,7 +21,7 @@ from engine.arguments import positive_int
 from engine.data.datasets import DATA_DIR_ENV, load_dataset, resolve_data_dir
 from engine.data.loaders import check_loader
 from engine.data.splits import REGIMES
-from engine.devices import resolve_device
+from engine.devices import resolve_device, usable_cpus
 from engine.errors import UsageError
 from engine.experiments.deadline import Deadline, seconds_since_process_start
 from engine.experiments.jobs import DataContext
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = execution_summary(executor, device)
     if args.share_batches:
         summary["shared batch order"] = "on (members of a fused group see the same batches, so their runs are correlated)"
-    atomic_write_text(out / "run.json", json.dumps({
+    run_info = {
         "recipe": recipe.name,
         "recipe_fields": recipe.to_dict(),
         "argv": list(argv if argv is not None else sys.argv[1:]),
@@ -182,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-    }, indent=1))
+    }
+    atomic_write_text(out / "run.json", json.dumps(run_info, indent=1))
     if budget is not None:
         log.info("%s", budget.describe())
         atomic_write_text(out / "budget.json", json.dumps(budget.to_dict(), indent=1))
@@ -206,9 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         close_executor(executor)
-    atomic_write_text(out / "execution.json", json.dumps(executor.describe(), indent=1))
+    # A run that trained nothing (all reused) keeps the record of the run that did.
+    if report.trained or report.failed or not (out / "execution.json").exists():
+        atomic_write_text(out / "execution.json", json.dumps(executor.describe(), indent=1))
     summary["trainers"] = describe_trainers(plan, store)
     summary["threads"] = describe_threads(plan, store) or summary.get("threads")
+    # run.json now says what the stored networks trained with, as the table does.
+    atomic_write_text(out / "run.json", json.dumps({**run_info, "execution": summary}, indent=1))
     _, table = write_report(plan, store, summary)
     print(table)
     log.info(
@@ -270,6 +275,13 @@ def _check_lanes(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--lanes {args.lanes} trains networks in threads of this process; with --workers, --gpus or "
             "--cluster each Ray task trains on its own, so drop --lanes"
+        )
+    cpus = usable_cpus()
+    threads = args.threads or max(1, torch.get_num_threads() // args.lanes)
+    if args.lanes * threads > cpus:
+        log.warning(
+            "--lanes %d with %d thread%s each runs %d threads on %d usable CPUs; the lanes will wait for each other",
+            args.lanes, threads, "s" * (threads > 1), args.lanes * threads, cpus,
         )
 
 

@@ -656,8 +656,10 @@ def test_calibration_counts_lanes_measured_faster(tmp_path, monkeypatch):
     tuned = autotune.tune("shallow_cnn_w8", CIFAR10, TrainConfig(max_epochs=1), 256, 1, "cpu", execution)
     entries = json.loads(cache.read_text())
     entries[tuned.key]["images_per_s"] = {label: 1000.0 for label in entries[tuned.key]["images_per_s"]}
+    one, two = "channels_last,compile=off,threads=1", "channels_last,compile=off,threads=2"
     entries[tuned.key]["lanes"] = {"channels_last": {
-        f"2,channels_last,compile=off,threads={threads}": [1600.0, 1000.0] for threads in (1, 2)
+        f"2 lanes vs {one}": {"lanes": 1600.0, "one network": {one: 1000.0}},
+        f"2 lanes vs {one} & {two}": {"lanes": 1600.0, "one network": {one: 1000.0, two: 1000.0}},
     }}
     cache.write_text(json.dumps(entries))
 
@@ -670,3 +672,19 @@ def test_calibration_counts_lanes_measured_faster(tmp_path, monkeypatch):
     assert speed.member_step_s[4] == pytest.approx(64 / 1600)
     assert speed.member_step_s[5] == pytest.approx(64 / 1600 * 6 / 5), "the last of five runs with a lane idle"
     assert speed.epoch_seconds(640, 4) == pytest.approx(speed.epoch_seconds(640, 1) * 64 / 1600 / speed.step_s)
+
+
+@pytest.mark.parametrize("autotune_on", [True, False])
+def test_calibration_times_lanes_the_user_gave(tmp_path, monkeypatch, autotune_on):
+    from engine.training import autotune
+    from engine.training.execution import ExecutionOptions
+
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "autotune.json"))
+    execution = ExecutionOptions(lanes=2, autotune=autotune_on)
+    measured = calibrate(
+        ["mlp_d1_h16"], CIFAR10, [64], "cpu", budget_s=0.1, execution=execution,
+        lane_buckets={("mlp_d1_h16", 64): [3]},
+    )
+    speed = measured.speed("mlp_d1_h16", 64)
+    assert speed.lanes == {3: 2}
+    assert 0 < speed.member_step_s[3] < 1

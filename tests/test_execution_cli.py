@@ -69,6 +69,11 @@ def test_autotune_choice_saved(data_dir, tmp_path):
     described = json.loads((out / "execution.json").read_text())
     assert described["autotune"], described
     assert described["execution"]["autotune"] is True
+    run = json.loads((out / "run.json").read_text())
+    assert run["execution"]["threads"] == ", ".join(sorted({str(r["threads"]) for r in records(out)}))
+    # A rerun that reuses every network keeps the record of the run that trained them.
+    assert run_cli([], data_dir, out) == 0
+    assert json.loads((out / "execution.json").read_text()) == described
 
 
 def test_lanes_reach_every_record(data_dir, tmp_path):
@@ -80,6 +85,13 @@ def test_lanes_reach_every_record(data_dir, tmp_path):
         assert (record["execution"]["lanes"], record["threads"]) == (2, 1)
         assert record["autotune"]["lanes_reason"] == "given"
     assert "2 lanes" in (out / "table.md").read_text()
+
+
+def test_lanes_beyond_cpus_warned(data_dir, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(cli, "usable_cpus", lambda: 2)
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(["--lanes", "3", "--threads", "1", "--no-autotune"], data_dir, tmp_path / "run") == 0
+    assert "--lanes 3 with 1 thread each runs 3 threads on 2 usable CPUs" in caplog.text
 
 
 def test_amp_bf16_sets_the_protocol(data_dir, tmp_path):

@@ -324,7 +324,10 @@ def calibrate(
                 _add_lane_speeds(speed, tuned, dataset_spec, device, precision, execution, lane_sizes)
             speeds[model, batch_size] = speed
             if not cached:
-                log.info("calibrated %s at batch %d on %s: %.1f ms per step", model, batch_size, device, 1e3 * step_s)
+                how = f"tuned, {candidate.label}" if candidate is not None else "plain eager step"
+                log.info(
+                    "calibrated %s at batch %d on %s (%s): %.1f ms per step", model, batch_size, device, how, 1e3 * step_s
+                )
     return Calibration(str(device), speeds, time.perf_counter() - started, tuned=execution is not None)
 
 
@@ -359,9 +362,6 @@ def _add_lane_speeds(
     As in ``autotune.tune``, a fused group recorded for the bucket stays only if it
     beats the lanes by ``FUSED_MARGIN``.
     """
-    single = tuned.images_per_s.get(tuned.chosen.label)
-    if not single:
-        return
     with torch.random.fork_rng(devices=[]):
         network = create_model(speed.model, spec)
     config = TrainConfig(batch_size=speed.batch_size, precision=precision)
@@ -371,10 +371,10 @@ def _add_lane_speeds(
         result = dataclasses.replace(tuned)
         choose_lanes(
             result, network, (spec.channels, spec.height, spec.width), config, device, execution, bucket, None,
-            speed.model,
+            speed.model, measure_given=True,
         )
         lanes = result.options.lanes or 1
-        if lanes == 1:
+        if lanes == 1 or lanes not in result.lanes_images_per_s:
             continue
         # The lanes' own throughput, not a ratio to the one-network step: the two
         # autotune timings behind a ratio can be far apart on a busy machine. A bucket

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from engine.data.datasets import DATA_DIR_ENV
+from engine.devices import usable_cpus
 from engine.errors import UsageError
 from engine.experiments.jobs import DataContext
 from engine.experiments.plan import NetworkJob
@@ -171,13 +172,6 @@ def import_ray():
             "install it with: pip install 'learnability-engine[ray]'"
         ) from None
     return ray
-
-
-def usable_cpus() -> int:
-    """Return the CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def start_local_ray(

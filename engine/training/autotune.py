@@ -613,11 +613,13 @@ def tune(
         fused = group.images_per_s.get(group.group_size, 0.0)
         rival = max(single or 0.0, lanes_speed or 0.0)
         if group.group_size > 1 and rival and fused < FUSED_MARGIN * rival:
-            alternative = f"{lanes} lanes" if lanes_speed and lanes_speed >= (single or 0.0) else "tuned one-network"
+            in_lanes = bool(lanes_speed and lanes_speed >= (single or 0.0))
+            alternative = f"{lanes} lanes" if in_lanes else "tuned one-network"
             log.info(
                 "autotune %s: fused G=%d (%.0f images/s) is not %.0f%% faster than %s training "
-                "(%.0f images/s); training one network at a time",
+                "(%.0f images/s); training %s",
                 model_name, group.group_size, fused, 100 * (FUSED_MARGIN - 1), alternative, rival,
+                f"in {lanes} lanes" if in_lanes else "one network at a time",
             )
             group = dataclasses.replace(group, group_size=1, reason=f"{alternative} faster")
         elif group.group_size > 1 and lanes > 1:
@@ -658,44 +660,58 @@ def choose_lanes(
     concurrent_jobs: int,
     cache: Path | str | None | bool,
     label: str,
+    measure_given: bool = False,
 ) -> None:
     """Set ``result.options.lanes``: the user's value, else one lane per thread where measured to pay.
 
-    The lanes are timed against one network under the options in ``result``, in
-    alternating windows (``lanes.measure_lanes``), once per cache entry, layout and
-    one-network candidate (``lanes`` in the entry).
+    The lanes are timed against one network under the options in ``result`` and
+    with one thread, in alternating windows (``lanes.measure_lanes``), once per
+    cache entry, layout and candidates (``lanes`` in the entry). Each counts its
+    sustained images/s, so the faster one-network candidate by that measure also
+    sets the thread count when lanes lose. Lanes given by the user are timed only
+    with ``measure_given`` (the budget planner needs their speed).
     """
     from engine.training.lanes import measure_lanes
 
     chosen = result.options
-    lanes = min(torch.get_num_threads(), concurrent_jobs)
+    lanes = options.lanes if options.lanes is not None else min(torch.get_num_threads(), concurrent_jobs)
     reason = _lanes_unmeasured_reason(result, device, options, lanes)
-    if reason:
+    timed_anyway = reason == "given" and measure_given and lanes > 1 and _eager_on_cpu(result, device)
+    if reason and not timed_anyway:
         result.options = dataclasses.replace(chosen, lanes=options.lanes or 1)
         result.lanes_reason = reason
         return
     path = None
-    if cache is None:
+    if not result.key or cache is False:
+        path = None  # options fixed by the user have no cache entry
+    elif cache is None:
         path = cache_path()
-    elif cache is not False:
+    else:
         path = Path(cache)
     entry = load_cache(path).get(result.key, {}) if path is not None else {}
     layout = "channels_last" if chosen.channels_last else "nchw"
     measured = dict(entry.get("lanes", {}).get(layout, {}))
-    # The one network is timed again beside the lanes, in alternating windows, so the
+    # One network is timed again beside the lanes, in alternating windows, so the
     # comparison does not mix timings taken at different times.
-    paired = f"{lanes},{result.chosen.label}"
-    if paired not in measured:
-        measured[paired] = measure_lanes(
-            model, result.chosen, input_shape, config.batch_size, config.precision, device, lanes, LANES_BUDGET_S,
+    singles = list({c.label: c for c in (result.chosen, dataclasses.replace(result.chosen, threads=1))}.values())
+    session = f"{lanes} lanes vs " + " & ".join(sorted(c.label for c in singles))
+    if session not in measured:
+        together, alone = measure_lanes(
+            model, singles, input_shape, config.batch_size, config.precision, device, lanes, LANES_BUDGET_S,
         )
+        measured[session] = {"lanes": together, "one network": alone}
         result.source = "measured"
         if path is not None:
             current = load_cache(path).get(result.key, {})
             save_entry(path, result.key, {**current, "lanes": {**current.get("lanes", {}), layout: measured}})
-    together, single = measured[paired]
+    together, alone = measured[session]["lanes"], measured[session]["one network"]
+    best = max(singles, key=lambda c: alone[c.label])
+    single = alone[best.label]
     result.lanes_images_per_s = {1: single, lanes: together}
-    if together > LANES_MARGIN * single:
+    if reason:
+        result.options = dataclasses.replace(chosen, lanes=lanes)
+        result.lanes_reason = f"given; measured {together:.0f} images/s against {single:.0f} for one network"
+    elif together > LANES_MARGIN * single:
         result.options = dataclasses.replace(chosen, lanes=lanes, threads=1)
         result.lanes_reason = f"measured: {together:.0f} images/s against {single:.0f} for one network"
         log.info(
@@ -703,6 +719,13 @@ def choose_lanes(
             label, lanes, together, single,
         )
     else:
-        result.options = dataclasses.replace(chosen, lanes=1)
-        result.lanes_reason = f"measured: {together:.0f} images/s, not {LANES_MARGIN:.2f}x one network's {single:.0f}"
+        result.options = dataclasses.replace(chosen, lanes=1, threads=best.threads)
+        result.lanes_reason = (
+            f"measured: {together:.0f} images/s, not {LANES_MARGIN:.2f}x one network's {single:.0f} "
+            f"({best.label})"
+        )
 
+
+def _eager_on_cpu(result: TuneResult, device: torch.device) -> bool:
+    """Return whether ``result`` trains eager on a CPU, where lanes can be timed."""
+    return device.type == "cpu" and result.options.compile in (None, "off")

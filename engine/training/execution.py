@@ -84,13 +84,17 @@ class ExecutionOptions:
         return self.channels_last is not None and self.compile is not None and self.threads is not None
 
     def with_defaults(self) -> "ExecutionOptions":
-        """Return these options with every undecided one set to the plain choice (threads: the current count)."""
+        """Return these options with every undecided one set to the plain choice.
+
+        Threads default to the current count, shared among the lanes when there are several.
+        """
+        lanes = self.lanes or 1
         return dataclasses.replace(
             self,
             channels_last=bool(self.channels_last),
             compile=self.compile or "off",
-            threads=self.threads or torch.get_num_threads(),
-            lanes=self.lanes or 1,
+            threads=self.threads or max(1, torch.get_num_threads() // lanes),
+            lanes=lanes,
         )
 
     def check_device(self, device: torch.device | str, precision: str | None = None) -> None:
@@ -158,7 +162,8 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
     group.add_argument(
         "--lanes", type=positive_int, default=None,
         help="networks trained at the same time on the CPU, each in its own thread with --threads "
-        "threads (default: measured by autotuning, 1 or the process's thread count, else 1)",
+        "threads (default: the process's thread count divided by the lanes). Default lanes: measured by "
+        "autotuning, 1 or the process's thread count, else 1",
     )
     group.add_argument(
         "--amp", choices=AMP_MODES, default="off",

@@ -132,7 +132,7 @@ def _notify(condition: threading.Condition) -> None:
 
 def measure_lanes(
     model: torch.nn.Module,
-    single: Candidate,
+    singles: Sequence[Candidate],
     input_shape: Sequence[int],
     batch_size: int,
     precision: str,
@@ -140,23 +140,23 @@ def measure_lanes(
     lanes: int,
     budget_s: float,
     windows: int = 4,
-) -> tuple[float, float]:
-    """Return the images/s of ``lanes`` copies of ``model`` stepping at once, and of one copy under ``single``.
+) -> tuple[float, dict[str, float]]:
+    """Return the images/s of ``lanes`` copies of ``model`` stepping at once, and of one copy per candidate.
 
     Each lane runs the trainer's eager step (see ``autotune.make_step``) with one
     thread in a thread of its own, kept for all windows and warmed up in that
-    thread. Windows of the lanes and of the one network under ``single`` (its
-    layout and thread count) alternate, ``windows`` of each, about ``budget_s /
-    windows`` seconds long, so load from other processes hits both alike. Each
+    thread. Windows of the lanes and of one network under each of ``singles`` (a
+    layout and thread count, by label) alternate, ``windows`` of each, about
+    ``budget_s / windows`` seconds long, so load from other processes hits all alike. Each
     throughput is images over time in all windows, summed over the lanes. The fastest window,
     which ranks the other candidates, would favour the one network: with several
     threads it is the one that a descheduled thread stalls, and a single window
     often escapes that.
     """
-    lane = Candidate(single.channels_last, "off", 1)
+    lane = Candidate(singles[0].channels_last, "off", 1)
     with thread_count(1):
         steps = [make_step(model, lane, input_shape, batch_size, precision, device) for _ in range(lanes)]
-    alone = make_step(model, single, input_shape, batch_size, precision, device)
+    alone = {c.label: (c, make_step(model, c, input_shape, batch_size, precision, device)) for c in singles}
     window_s = budget_s / windows
     counts, seconds = [0] * lanes, [0.0] * lanes
     warm, start, end = (threading.Barrier(lanes + 1) for _ in range(3))
@@ -175,29 +175,31 @@ def measure_lanes(
             seconds[index] += time.perf_counter() - began
             end.wait()
 
-    one_images, one_s = 0, 0.0
+    images, spent = dict.fromkeys(alone, 0), dict.fromkeys(alone, 0.0)
     with thread_count(1):
         workers = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(lanes)]
         for worker in workers:
             worker.start()
         # The thread count is the process's, so the one network's warm-up waits for the lanes'.
         warm.wait()
-    with thread_count(single.threads):
-        alone(0)
+    for candidate, step in alone.values():
+        with thread_count(candidate.threads):
+            step(0)
     for _ in range(windows):
         with thread_count(1):
             start.wait()
             end.wait()
-        with thread_count(single.threads):
-            began, count = time.perf_counter(), 0
-            while count == 0 or time.perf_counter() - began < window_s:
-                count += 1
-                alone(count)
-            one_s += time.perf_counter() - began
-            one_images += count * batch_size
+        for label, (candidate, step) in alone.items():
+            with thread_count(candidate.threads):
+                began, count = time.perf_counter(), 0
+                while count == 0 or time.perf_counter() - began < window_s:
+                    count += 1
+                    step(count)
+                spent[label] += time.perf_counter() - began
+                images[label] += count * batch_size
     for worker in workers:
         worker.join()
     # Each lane's own steps over its own time: a lane that finishes its window first
     # and waits for the others is not counted as running.
     together = sum(count * batch_size / spent for count, spent in zip(counts, seconds))
-    return together, one_images / one_s
+    return together, {label: images[label] / spent[label] for label in alone}
