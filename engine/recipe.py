@@ -271,6 +271,11 @@ def _check_lanes(args: argparse.Namespace) -> None:
             f"--lanes {args.lanes} trains networks one at a time in threads and contradicts "
             f"--group-size {args.group_size}; give only one of them"
         )
+    if args.share_batches:
+        raise UsageError(
+            f"--lanes {args.lanes} trains networks one at a time in threads and contradicts --share-batches, "
+            "which gives the members of a fused group one batch order; give only one of them"
+        )
     if args.workers is not None or args.gpus is not None or args.cluster is not None:
         raise UsageError(
             f"--lanes {args.lanes} trains networks in threads of this process; with --workers, --gpus or "

@@ -114,6 +114,7 @@ def test_amp_bf16_sets_the_protocol(data_dir, tmp_path):
         (["--lanes", "0"], "'0' must be positive"),
         (["--lanes", "2", "--group-size", "2"], "--lanes 2 trains networks one at a time in threads"),
         (["--lanes", "2", "--workers", "2"], "drop --lanes"),
+        (["--lanes", "2", "--share-batches"], "contradicts --share-batches"),
     ],
 )
 def test_bad_options_exit_2(extra, expected, data_dir, tmp_path, capsys):

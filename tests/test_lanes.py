@@ -16,10 +16,12 @@ from engine.experiments.deadline import TimeUp
 from engine.experiments.dispatch import run_jobs
 from engine.experiments.jobs import DataContext, run_job
 from engine.experiments.plan import NetworkJob
+from engine.experiments.runner import InProcessExecutor
 from engine.models.registry import CIFAR10
 from engine.training import TrainConfig, autotune
+from engine.training.autotune import Candidate
 from engine.training.execution import ExecutionOptions
-from engine.training.lanes import Cancelled, run_in_lanes
+from engine.training.lanes import Cancelled, measure_lanes, run_in_lanes
 
 CPU = torch.device("cpu")
 SUBSET = 200
@@ -239,3 +241,64 @@ def test_child_of_failed_parent_not_trained(cifar: DataContext) -> None:
         results = list(run_jobs([parent], cifar, CPU, execution=execution, children=[child]))
         assert [job.key for job, _, _ in results] == [parent.key]
         assert results[0][1]["status"] == "failed"
+
+
+def test_parent_and_only_child_not_in_lanes(cifar: DataContext) -> None:
+    config = TrainConfig(max_epochs=1)
+    parent = NetworkJob("n1", "shallow_cnn_w8", "cifar10", 0, SUBSET, "true_data", config)
+    child = NetworkJob("n2", "shallow_cnn_w8", "cifar10", 0, SUBSET, "true_data", config, parent=parent.key)
+    options = ExecutionOptions(channels_last=True, compile="off")
+    results = list(run_jobs([parent], cifar, CPU, execution=options, children=[child]))
+    assert len(results) == 2
+    for _, record, _ in results:
+        assert record["execution"]["lanes"] == 1, "an N2 never trains beside its own N1"
+        assert record["autotune"]["lanes_reason"] == "one job"
+
+
+def test_checkpointed_networks_train_outside_lanes(cifar: DataContext) -> None:
+    job = NetworkJob("n1", "shallow_cnn_w8", "cifar10", 0, SUBSET, "true_data", TrainConfig(max_epochs=2),
+                     checkpoints=(1,))
+    ((_, record, predictions),) = InProcessExecutor(cifar, CPU, execution=LANES).run([job], {})
+    assert record["execution"]["lanes"] == 1
+    assert "d3@1" in predictions
+
+
+class _FailsInThreads(torch.nn.Module):
+    """A model whose forward raises outside the main thread, as an allocation failure in a lane would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if threading.current_thread() is not threading.main_thread():
+            raise MemoryError("lane out of memory")
+        return self.layer(x.flatten(1))
+
+
+def _measure(model: torch.nn.Module, outcome: list) -> None:
+    try:
+        outcome.append(measure_lanes(model, [Candidate(False, "off", 2)], (3, 4, 4), 8, "fp32", CPU, 2, 0.05))
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        outcome.append(exc)
+
+
+def test_measure_lanes_raises_lane_error() -> None:
+    outcome: list = []
+    # Run in a thread of its own, with a timeout, so a hang fails the test instead of the suite.
+    caller = threading.Thread(target=_measure, args=(_FailsInThreads(), outcome))
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "measure_lanes hung after a lane failed"
+    assert isinstance(outcome[0], MemoryError)
+
+
+def test_measure_lanes_keeps_global_rng() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    together, alone = measure_lanes(model, [Candidate(False, "off", 1)], (3, 4, 4), 8, "fp32", CPU, 2, 0.05)
+    assert torch.equal(torch.rand(3), expected)
+    assert together > 0
+    assert alone["nchw,compile=off,threads=1"] > 0

@@ -246,3 +246,13 @@ def test_concurrent_threads_match_torch():
         for out, x_grad in results[k]:
             assert torch.equal(out, expected_out), f"output of thread {k} differs"
             assert torch.equal(x_grad, x.grad), f"input gradient of thread {k} differs"
+
+
+def test_torch_func_transforms_fall_back():
+    x = torch.randn(3, 2, 4, 8, 8).contiguous()
+    batched = torch.func.vmap(pool_relu)(x)
+    assert torch.equal(batched, torch.relu(F.max_pool2d(x.flatten(0, 1), 2)).view(3, 2, 4, 4, 4))
+    image = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    gradient = torch.func.grad(lambda t: pool_relu(t).sum())(image)
+    expected = torch.func.grad(lambda t: torch.relu(F.max_pool2d(t, 2)).sum())(image)
+    assert torch.equal(gradient, expected)

@@ -86,6 +86,9 @@ def run_jobs(
     for job in [*jobs, *(child for kids in waiting.values() for child in kids)]:
         buckets.setdefault(_bucket_key(job, data), []).append(job)
 
+    # Jobs that can train at the same time: the first ones, or the N2 released later
+    # (an N2 never trains beside its own N1).
+    concurrent = max(len(jobs), sum(map(len, waiting.values())))
     # Every bucket is tuned before any trains, so no measurement runs beside a training.
     decided: dict[tuple, Bucket] = {}
     for key, bucket in buckets.items():
@@ -94,9 +97,7 @@ def run_jobs(
             choice = _group_choice(bucket, data, device, options)
         else:
             n_train = key[-1]
-            tuned = _tune_bucket(
-                bucket, n_train, data, device, options, execution, concurrent_jobs=sum(map(len, buckets.values()))
-            )
+            tuned = _tune_bucket(bucket, n_train, data, device, options, execution, concurrent_jobs=concurrent)
             choice = tuned.group
             if on_tune is not None:
                 on_tune(tuned)

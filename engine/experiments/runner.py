@@ -9,6 +9,7 @@ fusing networks of one architecture where that was measured to pay.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -80,10 +81,11 @@ class InProcessExecutor:
         """
         labels = dict(parent_d2)
         # Checkpointed N1 (learning curves) keep per-epoch predictions, which only the
-        # one-network trainer records.
+        # one-network trainer records. They train here one after another, not in lanes.
+        alone = None if self.execution is None else dataclasses.replace(self.execution, lanes=1)
         for job in jobs:
             if job.checkpoints:
-                record, predictions = run_job(job, self.data, self.device, labels.get(job.key), self.execution, stop)
+                record, predictions = run_job(job, self.data, self.device, labels.get(job.key), alone, stop)
                 if record["status"] == "ok":
                     for child in children:
                         if child.parent == job.key:

@@ -45,8 +45,10 @@ class _PoolReLU(torch.autograd.Function):
 
 def _fused_kernel_applies(x: torch.Tensor) -> bool:
     # Inputs with no channels or no pixels go to F.max_pool2d, which raises for them.
+    # A torch.func transform comes first: is_contiguous raises inside vmap.
     return (
-        x.device.type == "cpu"
+        not _functorch_active()
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 4
         and min(x.shape[1:]) > 0
@@ -55,6 +57,14 @@ def _fused_kernel_applies(x: torch.Tensor) -> bool:
         and x.is_contiguous(memory_format=torch.channels_last)
         and not torch.compiler.is_compiling()
     )
+
+
+def _functorch_active() -> bool:
+    """Return whether a torch.func transform (vmap, grad) is active: the autograd.Function has no rule for them."""
+    active = getattr(torch._C._functorch, "are_transforms_active", None) or getattr(
+        torch._C, "_are_functorch_transforms_active", None
+    )
+    return bool(active()) if active is not None else False
 
 
 def pool_relu(x: torch.Tensor) -> torch.Tensor:

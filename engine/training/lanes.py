@@ -151,55 +151,76 @@ def measure_lanes(
     throughput is images over time in all windows, summed over the lanes. The fastest window,
     which ranks the other candidates, would favour the one network: with several
     threads it is the one that a descheduled thread stalls, and a single window
-    often escapes that.
+    often escapes that. The first error of a lane is raised here, and the global RNG
+    is left as it was.
     """
     lane = Candidate(singles[0].channels_last, "off", 1)
-    with thread_count(1):
-        steps = [make_step(model, lane, input_shape, batch_size, precision, device) for _ in range(lanes)]
-    alone = {c.label: (c, make_step(model, c, input_shape, batch_size, precision, device)) for c in singles}
+    with torch.random.fork_rng(devices=[]):
+        with thread_count(1):
+            steps = [make_step(model, lane, input_shape, batch_size, precision, device) for _ in range(lanes)]
+        alone = {c.label: (c, make_step(model, c, input_shape, batch_size, precision, device)) for c in singles}
     window_s = budget_s / windows
     counts, seconds = [0] * lanes, [0.0] * lanes
-    warm, start, end = (threading.Barrier(lanes + 1) for _ in range(3))
+    barriers = warm, start, end = [threading.Barrier(lanes + 1) for _ in range(3)]
+    errors: list[BaseException] = []
 
     def run(index: int) -> None:
-        torch.set_num_threads(1)
-        steps[index](0)
-        warm.wait()
-        for _ in range(windows):
-            start.wait()
-            began, count = time.perf_counter(), 0
-            while count == 0 or time.perf_counter() - began < window_s:
-                count += 1
-                steps[index](counts[index] + count)
-            counts[index] += count
-            seconds[index] += time.perf_counter() - began
-            end.wait()
-
-    images, spent = dict.fromkeys(alone, 0), dict.fromkeys(alone, 0.0)
-    with thread_count(1):
-        workers = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(lanes)]
-        for worker in workers:
-            worker.start()
-        # The thread count is the process's, so the one network's warm-up waits for the lanes'.
-        warm.wait()
-    for candidate, step in alone.values():
-        with thread_count(candidate.threads):
-            step(0)
-    for _ in range(windows):
-        with thread_count(1):
-            start.wait()
-            end.wait()
-        for label, (candidate, step) in alone.items():
-            with thread_count(candidate.threads):
+        try:
+            torch.set_num_threads(1)
+            steps[index](0)
+            warm.wait()
+            for _ in range(windows):
+                start.wait()
                 began, count = time.perf_counter(), 0
                 while count == 0 or time.perf_counter() - began < window_s:
                     count += 1
-                    step(count)
-                spent[label] += time.perf_counter() - began
-                images[label] += count * batch_size
-    for worker in workers:
-        worker.join()
+                    steps[index](counts[index] + count)
+                counts[index] += count
+                seconds[index] += time.perf_counter() - began
+                end.wait()
+        except threading.BrokenBarrierError:
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+            for barrier in barriers:
+                barrier.abort()
+
+    def wait(barrier: threading.Barrier) -> None:
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            raise errors[0] if errors else RuntimeError("a lane stopped while timing the lanes") from None
+
+    images, spent = dict.fromkeys(alone, 0), dict.fromkeys(alone, 0.0)
+    workers = [threading.Thread(target=run, args=(index,), name=f"lane-timing-{index}") for index in range(lanes)]
+    try:
+        with thread_count(1):
+            for worker in workers:
+                worker.start()
+            # The thread count is the process's, so the one network's warm-up waits for the lanes'.
+            wait(warm)
+        for candidate, step in alone.values():
+            with thread_count(candidate.threads):
+                step(0)
+        for _ in range(windows):
+            with thread_count(1):
+                wait(start)
+                wait(end)
+            for label, (candidate, step) in alone.items():
+                with thread_count(candidate.threads):
+                    began, count = time.perf_counter(), 0
+                    while count == 0 or time.perf_counter() - began < window_s:
+                        count += 1
+                        step(count)
+                    spent[label] += time.perf_counter() - began
+                    images[label] += count * batch_size
+    finally:
+        # On an error or Ctrl-C the lanes stop at their next barrier; each ends its step first.
+        for barrier in barriers:
+            barrier.abort()
+        for worker in workers:
+            worker.join()
     # Each lane's own steps over its own time: a lane that finishes its window first
     # and waits for the others is not counted as running.
-    together = sum(count * batch_size / spent for count, spent in zip(counts, seconds))
+    together = sum(count * batch_size / spent_s for count, spent_s in zip(counts, seconds))
     return together, {label: images[label] / spent[label] for label in alone}
