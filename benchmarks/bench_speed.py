@@ -12,7 +12,9 @@ Three groups of cases, each printing a table at the end of its module:
   combination of precision (fp32, bf16), layout (NCHW, channels_last),
   compilation (off, default) and CPU threads (1, the process's count). The ratio
   is to plain eager fp32 NCHW with the process's threads. Candidates are timed in
-  interleaved windows, so load from other processes hits them alike.
+  interleaved windows, so load from other processes hits them alike. Then lanes
+  (one network per thread, all stepping at once) against one network, as
+  autotuning times them.
 - ``end_to_end``: table10-like work on real CIFAR-10 (N1 of widths 16, 32, 64 on
   D1, then N2 of every width on each N1's labels of D2, a few epochs each) by the
   engine as the recipe command runs it (``run_plan``: autotuned options, fused
@@ -45,6 +47,7 @@ from engine.models import create_model
 from engine.training import TrainConfig, autotune, predict, train_network
 from engine.training.autotune import Candidate, make_step, thread_count, time_candidates
 from engine.training.execution import ExecutionOptions
+from engine.training.lanes import measure_lanes
 
 if os.environ.get("BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
@@ -59,7 +62,7 @@ E2E_EPOCHS = 3
 E2E_ROUNDS = 2  # rounds of the plain loop and of the cached recipe path
 
 # Rows of the summary tables printed at the end of the module.
-_ROWS: dict[str, list[str]] = {"loader": [], "step": [], "end_to_end": []}
+_ROWS: dict[str, list[str]] = {"loader": [], "step": [], "lanes": [], "end_to_end": []}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,6 +75,7 @@ def summary(request):
     titles = {
         "loader": "loader throughput (one epoch, 25,000 images, batch 64)",
         "step": "training step throughput, shallow CNN, batch 64 (ratio to eager fp32 NCHW, process threads)",
+        "lanes": "lanes against one network, fp32 channels_last, sustained images/s (ratio of the lanes)",
         "end_to_end": "table10-like work: engine (autotuned) against a plain PyTorch loop",
     }
     # Output of a fixture's teardown is captured like a test's, so capturing is
@@ -175,6 +179,17 @@ def test_step_options(benchmark, width):
 
     benchmark.pedantic(plain_step, rounds=5, iterations=1)
     benchmark.extra_info.update({label: BATCH / s for label, s in seconds.items()})
+    # Lanes: one network per thread, all stepping at once, against one network with
+    # the process's threads and with one, timed as autotuning times them (sustained
+    # images/s over alternating windows, not the fastest window).
+    lanes = process_threads
+    singles = [Candidate(True, "off", count) for count in sorted({1, process_threads})]
+    together, alone = measure_lanes(model, singles, (3, 32, 32), BATCH, "fp32", DEVICE, lanes, 2 * STEP_BUDGET_S[width])
+    benchmark.extra_info.update(lanes_images_per_s=together, lanes_single_images_per_s=alone)
+    _ROWS["lanes"].append(
+        f"w{width:<5} {lanes} lanes of channels_last,threads=1 {together:>8,.0f} images/s   one network: "
+        + ", ".join(f"{label.split(',')[-1]} {value:,.0f} ({together / value:.2f}x)" for label, value in alone.items())
+    )
     for label, s in sorted(seconds.items(), key=lambda item: item[1]):
         first = f"   first step {compile_s[label]:5.1f} s" if "compile=default" in label else ""
         _ROWS["step"].append(

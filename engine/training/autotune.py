@@ -611,9 +611,10 @@ def tune(
     else:
         group = choose_group_size(model_name, spec, batch, n_jobs, device, shared=shared_batches, precision=precision)
         fused = group.images_per_s.get(group.group_size, 0.0)
-        rival = max(single or 0.0, lanes_speed or 0.0)
+        # The rival is what would train otherwise: the lanes where they won, else one network.
+        in_lanes = lanes > 1 and lanes_speed is not None
+        rival = lanes_speed if in_lanes else single
         if group.group_size > 1 and rival and fused < FUSED_MARGIN * rival:
-            in_lanes = bool(lanes_speed and lanes_speed >= (single or 0.0))
             alternative = f"{lanes} lanes" if in_lanes else "tuned one-network"
             log.info(
                 "autotune %s: fused G=%d (%.0f images/s) is not %.0f%% faster than %s training "
