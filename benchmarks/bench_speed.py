@@ -265,8 +265,8 @@ def _grid(cifar, split, train, predict_labels) -> tuple[float, list[float]]:
 def _recipe_path(store_dir: Path) -> tuple[float, list[float], dict]:
     """Run the same grid as the recipe command does: run_plan, fused groups, lanes, autotuning.
 
-    Returns the wall time, the learnability of every (N1, N2) pair on D3, and the
-    execution options of the first N2 (what autotuning chose).
+    Returns the wall time, the learnability of every (N1, N2) pair on D3, and what
+    autotuning chose per width (lanes and threads, or the fused group).
     """
     from engine.experiments.jobs import DataContext
     from engine.experiments.plan import build_plan
@@ -289,7 +289,14 @@ def _recipe_path(store_dir: Path) -> tuple[float, list[float], dict]:
     agreements = [
         float((store.predictions(job.key)["d3"] == store.predictions(job.parent)["d3"]).mean()) for job in n2_jobs
     ]
-    return wall_s, agreements, store.record(n2_jobs[0].key)["execution"]
+    chosen = {}
+    for job in plan.jobs:
+        record = store.record(job.key)
+        execution = record["execution"]
+        chosen[job.model.removeprefix("shallow_cnn_")] = (
+            f"{record['trainer']}, {execution.get('lanes', 1)} lanes x {execution['threads']} threads"
+        )
+    return wall_s, agreements, chosen
 
 
 @pytest.mark.benchmark(group="end_to_end")
