@@ -286,7 +286,7 @@ def _measure(model: torch.nn.Module, outcome: list) -> None:
 def test_measure_lanes_raises_lane_error() -> None:
     outcome: list = []
     # Run in a thread of its own, with a timeout, so a hang fails the test instead of the suite.
-    caller = threading.Thread(target=_measure, args=(_FailsInThreads(), outcome))
+    caller = threading.Thread(target=_measure, args=(_FailsInThreads(), outcome), daemon=True)
     caller.start()
     caller.join(timeout=60)
     assert not caller.is_alive(), "measure_lanes hung after a lane failed"
