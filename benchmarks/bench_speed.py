@@ -308,12 +308,11 @@ def test_end_to_end_table10_like(benchmark, monkeypatch, tmp_path):
     monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "autotune.json"))
     load = os.getloadavg()[0]
 
-    # The recipe command's path first with an empty autotune cache (it measures),
-    # then the plain loop with the process's threads and with one thread, then the
-    # recipe path again with the cache filled by its first run, and the one-network
-    # trainer alone (train_network, one network after another, cache filled). The
-    # plain loop and the cached recipe path run twice, interleaved, and the faster
-    # round of each counts, so a burst of load on the machine hits both alike.
+    # First the recipe command's path with an empty autotune cache, which it fills,
+    # then the plain loop with one thread. Then the plain loop with the process's
+    # threads and the cached recipe path run twice, interleaved, and the faster round
+    # of each counts, so a burst of load on the machine hits both alike. Last the
+    # one-network trainer alone (train_network per network, cache filled).
     recipe_cold_s, _, _ = _recipe_path(tmp_path / "cold")
     with thread_count(1):
         plain_one_thread_s, _ = _grid(cifar, split, _plain_train, _plain_predict)

@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data.split(0, args.subset)  # a subset too large for the data fails here
         if args.no_fuse and args.group_size not in (None, 1):
             raise UsageError(f"--no-fuse contradicts --group-size {args.group_size}; give only one of them")
-        _check_lanes(args)
+        _check_lanes(args, execution)
         options = FusedOptions(group_size=1 if args.no_fuse else args.group_size, share_batches=args.share_batches)
         out = Path(args.out) if args.out else Path("runs") / recipe.name
         subset = args.subset
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(out / "execution.json", json.dumps(executor.describe(), indent=1))
     summary["trainers"] = describe_trainers(plan, store)
     summary["threads"] = describe_threads(plan, store) or summary.get("threads")
-    # run.json now says what the stored networks trained with, as the table does.
+    # run.json now records what the stored networks trained with, as the table does.
     atomic_write_text(out / "run.json", json.dumps({**run_info, "execution": summary}, indent=1))
     _, table = write_report(plan, store, summary)
     print(table)
@@ -262,7 +262,7 @@ def _warn_if_protocol_changed(out: Path, train: TrainConfig, subset: int | None)
         )
 
 
-def _check_lanes(args: argparse.Namespace) -> None:
+def _check_lanes(args: argparse.Namespace, execution: ExecutionOptions) -> None:
     """Raise ``UsageError`` when ``--lanes`` contradicts the fusion or scale-out options."""
     if args.lanes is None or args.lanes == 1:
         return
@@ -282,7 +282,7 @@ def _check_lanes(args: argparse.Namespace) -> None:
             "--cluster each Ray task trains on its own, so drop --lanes"
         )
     cpus = usable_cpus()
-    threads = args.threads or max(1, torch.get_num_threads() // args.lanes)
+    threads = execution.default_threads()
     if args.lanes * threads > cpus:
         log.warning(
             "--lanes %d with %d thread%s each runs %d threads on %d usable CPUs; the lanes will wait for each other",

@@ -656,10 +656,12 @@ def test_calibration_counts_lanes_measured_faster(tmp_path, monkeypatch):
     tuned = autotune.tune("shallow_cnn_w8", CIFAR10, TrainConfig(max_epochs=1), 256, 1, "cpu", execution)
     entries = json.loads(cache.read_text())
     entries[tuned.key]["images_per_s"] = {label: 1000.0 for label in entries[tuned.key]["images_per_s"]}
-    one, two = "channels_last,compile=off,threads=1", "channels_last,compile=off,threads=2"
+    one_thread, two_threads = "channels_last,compile=off,threads=1", "channels_last,compile=off,threads=2"
     entries[tuned.key]["lanes"] = {"channels_last": {
-        f"2 lanes vs {one}": {"lanes": 1600.0, "one network": {one: 1000.0}},
-        f"2 lanes vs {one} & {two}": {"lanes": 1600.0, "one network": {one: 1000.0, two: 1000.0}},
+        f"2 lanes vs {one_thread}": {"lanes": 1600.0, "one network": {one_thread: 1000.0}},
+        f"2 lanes vs {one_thread} & {two_threads}": {
+            "lanes": 1600.0, "one network": {one_thread: 1000.0, two_threads: 1000.0},
+        },
     }}
     cache.write_text(json.dumps(entries))
 

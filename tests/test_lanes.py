@@ -155,10 +155,12 @@ def test_lanes_option_validates() -> None:
 
 def _lanes_sessions(lanes_speed: float, single_speed: float) -> dict:
     """Return cached lanes timings against one network on one thread, or on one and two."""
-    one, two = "channels_last,compile=off,threads=1", "channels_last,compile=off,threads=2"
+    one_thread, two_threads = "channels_last,compile=off,threads=1", "channels_last,compile=off,threads=2"
     return {
-        f"2 lanes vs {one}": {"lanes": lanes_speed, "one network": {one: single_speed}},
-        f"2 lanes vs {one} & {two}": {"lanes": lanes_speed, "one network": {one: single_speed, two: single_speed}},
+        f"2 lanes vs {one_thread}": {"lanes": lanes_speed, "one network": {one_thread: single_speed}},
+        f"2 lanes vs {one_thread} & {two_threads}": {
+            "lanes": lanes_speed, "one network": {one_thread: single_speed, two_threads: single_speed},
+        },
     }
 
 

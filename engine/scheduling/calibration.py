@@ -324,9 +324,10 @@ def calibrate(
                 _add_lane_speeds(speed, tuned, dataset_spec, device, precision, execution, lane_sizes)
             speeds[model, batch_size] = speed
             if not cached:
-                how = f"tuned, {candidate.label}" if candidate is not None else "plain eager step"
+                timed_as = f"tuned, {candidate.label}" if candidate is not None else "plain eager step"
                 log.info(
-                    "calibrated %s at batch %d on %s (%s): %.1f ms per step", model, batch_size, device, how, 1e3 * step_s
+                    "calibrated %s at batch %d on %s (%s): %.1f ms per step",
+                    model, batch_size, device, timed_as, 1e3 * step_s,
                 )
     return Calibration(str(device), speeds, time.perf_counter() - started, tuned=execution is not None)
 

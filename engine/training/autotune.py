@@ -570,8 +570,8 @@ def tune(
     from engine.fused.strategy import FUSED_MARGIN, choose_group_size, fixed_choice, template_model
 
     device = torch.device(device)
-    if options.lanes is not None and options.lanes > 1 and options.threads is None:
-        options = dataclasses.replace(options, threads=max(1, torch.get_num_threads() // options.lanes))
+    if options.lanes is not None and options.lanes > 1:
+        options = dataclasses.replace(options, threads=options.default_threads())
     with torch.random.fork_rng(devices=[]):
         model = create_model(model_name, spec)
     input_shape = (spec.channels, spec.height, spec.width)

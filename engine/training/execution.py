@@ -88,14 +88,17 @@ class ExecutionOptions:
 
         Threads default to the current count, shared among the lanes when there are several.
         """
-        lanes = self.lanes or 1
         return dataclasses.replace(
             self,
             channels_last=bool(self.channels_last),
             compile=self.compile or "off",
-            threads=self.threads or max(1, torch.get_num_threads() // lanes),
-            lanes=lanes,
+            threads=self.default_threads(),
+            lanes=self.lanes or 1,
         )
+
+    def default_threads(self) -> int:
+        """Return ``threads``, or when it is unset the process's count shared among the lanes."""
+        return self.threads or max(1, torch.get_num_threads() // (self.lanes or 1))
 
     def check_device(self, device: torch.device | str, precision: str | None = None) -> None:
         """Raise ``UsageError`` for options the device cannot run.

@@ -171,12 +171,9 @@ def measure_lanes(
             warm.wait()
             for _ in range(windows):
                 start.wait()
-                began, count = time.perf_counter(), 0
-                while count == 0 or time.perf_counter() - began < window_s:
-                    count += 1
-                    steps[index](counts[index] + count)
+                count, spent_s = _timed_window(steps[index], counts[index], window_s)
                 counts[index] += count
-                seconds[index] += time.perf_counter() - began
+                seconds[index] += spent_s
                 end.wait()
         except threading.BrokenBarrierError:
             return
@@ -208,12 +205,9 @@ def measure_lanes(
                 wait(end)
             for label, (candidate, step) in alone.items():
                 with thread_count(candidate.threads):
-                    began, count = time.perf_counter(), 0
-                    while count == 0 or time.perf_counter() - began < window_s:
-                        count += 1
-                        step(count)
-                    spent[label] += time.perf_counter() - began
-                    images[label] += count * batch_size
+                    count, spent_s = _timed_window(step, 0, window_s)
+                spent[label] += spent_s
+                images[label] += count * batch_size
     finally:
         # On an error or Ctrl-C the lanes stop at their next barrier; each ends its step first.
         for barrier in barriers:
@@ -224,3 +218,12 @@ def measure_lanes(
     # and waits for the others is not counted as running.
     together = sum(count * batch_size / spent_s for count, spent_s in zip(counts, seconds))
     return together, {label: images[label] / spent[label] for label in alone}
+
+
+def _timed_window(step: Callable[[int], None], done: int, window_s: float) -> tuple[int, float]:
+    """Run ``step`` (numbered on from ``done``) for at least one step and ``window_s``; return the steps and seconds."""
+    began, count = time.perf_counter(), 0
+    while count == 0 or time.perf_counter() - began < window_s:
+        count += 1
+        step(done + count)
+    return count, time.perf_counter() - began

@@ -243,7 +243,8 @@ def train_network(
 
 # Images per forward pass of ``predict``. On a 2-core CPU, shallow CNNs of width 16
 # and 64 predicted 2,000 images about twice as fast in batches of 32 to 100 as in
-# batches of 1,000, whose activations (262 MB at width 64) do not fit the caches.
+# batches of 1,000. The activations of 1,000 images (262 MB at width 64) do not fit
+# the caches.
 PREDICT_BATCH = {"cpu": 64, "cuda": 1000}
 
 
