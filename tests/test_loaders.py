@@ -105,6 +105,10 @@ def test_channels_last_layout(training_set):
     assert x.is_contiguous(memory_format=torch.channels_last)
     plain, _ = next(make_loader("tensor", images, labels, BATCH).epoch(torch.Generator().manual_seed(0)))
     assert torch.equal(x, plain)
+    # Every batch of two epochs, the smaller last one included, in both respects.
+    batches = epochs_of(loader)
+    assert_same_batches(batches, expected_batches(images, labels), "tensor, channels_last")
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
 
 
 def test_unknown_loader_lists_choices(training_set):

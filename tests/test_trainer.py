@@ -81,3 +81,17 @@ def test_predict_batch_size_keeps_predictions(small):
     assert len(default) == len(small[1])
     np.testing.assert_array_equal(default, predict(model, small[0], batch_size=1000))
     np.testing.assert_array_equal(default, predict(model, small[0], batch_size=7))
+
+
+def test_predict_channels_last_feeds_the_same_pixels(small):
+    from engine.data import to_float
+
+    model, _ = trained(small, max_epochs=1)
+    model.to(memory_format=torch.channels_last).eval()
+    images = small[0][:100]
+    with torch.no_grad():
+        logits = model(to_float(images).contiguous(memory_format=torch.channels_last))
+    expected = logits.argmax(1).numpy()
+    np.testing.assert_array_equal(predict(model, images, channels_last=True, batch_size=100), expected)
+    # Batches of 64 give the same classes: a row's logits do not depend on its batch.
+    np.testing.assert_array_equal(predict(model, images, channels_last=True), expected)

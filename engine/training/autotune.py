@@ -51,7 +51,7 @@ import pooch
 import torch
 from torch import nn
 
-from engine.data.loaders import scale_pixels, to_layout
+from engine.data.loaders import TensorLoader
 from engine.models import create_model
 from engine.models.registry import InputSpec
 from engine.training.config import TrainConfig
@@ -286,13 +286,13 @@ def make_step(
     pool = 4 * batch_size
     images = torch.randint(0, 256, (pool, *input_shape), dtype=torch.uint8, device=device)
     labels = torch.randint(2, (pool,), device=device)
+    loader = TensorLoader(images, labels, batch_size, device, channels_last=candidate.channels_last)
     order = torch.randperm(pool, device=device)
     mistakes = torch.zeros((), dtype=torch.int64, device=device)
 
     def step(i: int) -> None:
         index = order.roll(i * batch_size)[:batch_size]
-        x = to_layout(scale_pixels(images.index_select(0, index)), candidate.channels_last)
-        y = labels[index]
+        x, y = loader.batch(index), loader.labels[index]
         logits, _ = train_step(forward, optimizer, scaler, context, x, y)
         mistakes.add_((logits.argmax(1) != y).sum())
 

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.data.loaders import make_loader, to_layout
-from engine.data.splits import to_float
+from engine.data.loaders import make_loader, pixel_rows, rows_to_batch
 from engine.errors import UsageError
 from engine.training.config import TrainConfig
 from engine.training.execution import ExecutionOptions
@@ -266,9 +265,10 @@ def predict(
     device = torch.device(device)
     batch_size = batch_size or PREDICT_BATCH.get(device.type, PREDICT_BATCH["cuda"])
     model.to(device).eval()
+    rows = pixel_rows(images, channels_last)
     out = []
     for start in range(0, len(images), batch_size):
-        x = to_layout(to_float(images[start : start + batch_size].to(device)), channels_last)
+        x = rows_to_batch(rows[start : start + batch_size].to(device), channels_last)
         with autocast_context(precision, device):
             out.append(model(x).argmax(1).to(torch.int16).cpu())
     if not out:
