@@ -220,6 +220,48 @@ def test_autotune_compile_only_when_it_pays(tmp_path):
     assert long.source == "cache"
 
 
+def test_timing_budget_follows_planned_work():
+    floor, ceiling = autotune.MIN_BUDGET_S, autotune.BUDGET_S
+    assert autotune.timing_budget(None, 4, floor, ceiling) == ceiling, "unknown work gets the full budget"
+    assert autotune.timing_budget(0.5, 4, floor, ceiling) == floor
+    assert autotune.timing_budget(1000.0, 4, floor, ceiling) == ceiling
+    assert autotune.timing_budget(8.0, 4, floor, ceiling) == pytest.approx(autotune.TUNE_SHARE * 8.0 / 4)
+
+
+def test_autotune_times_again_for_larger_plans(tmp_path):
+    model = create_model("shallow_cnn_w8")
+    path = tmp_path / "autotune.json"
+    args = dict(model=model, input_shape=(3, 32, 32), batch_size=64, precision="fp32", device="cpu",
+                options=ExecutionOptions(compile="off"), cache=path)
+
+    def timed_s(result):
+        return json.loads(path.read_text())[result.key]["timed_s"]
+
+    small = autotune.tune_module(planned_steps=10, **args)
+    assert small.source == "measured"
+    assert set(timed_s(small).values()) == {autotune.MIN_BUDGET_S}, "10 steps get the shortest timing"
+    assert autotune.tune_module(planned_steps=10, **args).source == "cache"
+
+    large = autotune.tune_module(planned_steps=10**6, **args)
+    assert large.source == "measured", "a short cached timing is not trusted for a large plan"
+    assert set(timed_s(large).values()) == {autotune.BUDGET_S}
+    assert autotune.tune_module(planned_steps=10, **args).source == "cache"
+
+
+def test_autotune_trusts_cache_without_timing_record(tmp_path):
+    # Entries written before timings were recorded were timed for the full budget.
+    model = create_model("shallow_cnn_w8")
+    key = autotune.cache_key("shallow_cnn_w8", (3, 32, 32), 64, "fp32", torch.device("cpu"))
+    labels = [autotune.Candidate(layout, "off", n).label
+              for layout in (False, True) for n in autotune.thread_counts(torch.device("cpu"))]
+    autotune.save_entry(tmp_path / "a.json", key, {"images_per_s": dict.fromkeys(labels, 1000.0), "failed": {}})
+    result = autotune.tune_module(
+        model, (3, 32, 32), 64, "fp32", "cpu", ExecutionOptions(compile="off"), planned_steps=10**6,
+        name="shallow_cnn_w8", cache=tmp_path / "a.json",
+    )
+    assert result.source == "cache"
+
+
 def test_tune_includes_group_choice(tmp_path):
     result = autotune.tune(
         "mlp_d1_h64", CIFAR10, TrainConfig(max_epochs=2), n_train=256, n_jobs=4, device="cpu",

@@ -204,6 +204,26 @@ def test_tune_measures_lanes_and_caches_them(tmp_path: Path) -> None:
     assert entry["images_per_s"], "the lanes entry keeps the one-network measurements"
 
 
+def test_tune_times_lanes_again_for_larger_plans(tmp_path: Path) -> None:
+    options = ExecutionOptions(channels_last=True, compile="off")
+    path = tmp_path / "a.json"
+
+    def lanes_timed_s(result) -> float:
+        (session,) = json.loads(path.read_text())[result.key]["lanes"]["channels_last"].values()
+        return session["timed_s"]
+
+    small = autotune.tune("mlp_d1_h16", CIFAR10, TrainConfig(max_epochs=1), 256, 2, CPU, options,
+                          cache=path, concurrent_jobs=2)
+    assert lanes_timed_s(small) == autotune.MIN_LANES_BUDGET_S
+    large = autotune.tune("mlp_d1_h16", CIFAR10, TrainConfig(max_epochs=500), 25_000, 50, CPU, options,
+                          cache=path, concurrent_jobs=2)
+    assert lanes_timed_s(large) == autotune.LANES_BUDGET_S
+    again = autotune.tune("mlp_d1_h16", CIFAR10, TrainConfig(max_epochs=1), 256, 2, CPU, options,
+                          cache=path, concurrent_jobs=2)
+    assert again.source == "cache"
+    assert lanes_timed_s(again) == autotune.LANES_BUDGET_S
+
+
 def test_user_lanes_share_the_threads(tmp_path: Path) -> None:
     result = autotune.tune(
         "mlp_d1_h16", CIFAR10, TrainConfig(max_epochs=1), 256, 2, CPU,

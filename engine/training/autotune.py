@@ -27,6 +27,12 @@ planned steps beats the best eager option.
 Measurements are kept in a JSON file, ``$ENGINE_AUTOTUNE_CACHE`` or
 ``autotune.json`` in the per-user cache folder, so later runs on the same machine
 skip them and only re-decide whether compilation pays for their planned work.
+
+The timing is sized to the planned work: about a tenth of its estimated time, shared
+among the candidates, within fixed bounds per candidate. A few epochs of a small
+grid are timed briefly, a full study for the longest windows. A cached measurement
+serves a later plan only if it was timed at least as long as that plan calls for.
+Otherwise it is timed again.
 """
 
 from __future__ import annotations
@@ -66,6 +72,13 @@ CACHE_ENV = "ENGINE_AUTOTUNE_CACHE"
 BUDGET_S = 0.3
 WINDOWS = 3
 MAX_STEPS_PER_WINDOW = 50
+# Timing is sized to the work it decides: all candidates together get about this
+# share of the planned training time, each at least MIN_BUDGET_S and at most
+# BUDGET_S (LANES_BUDGET_S for lanes). Cached timings shorter than a later, larger
+# plan calls for are timed again.
+TUNE_SHARE = 0.1
+MIN_BUDGET_S = 0.06
+MIN_LANES_BUDGET_S = 0.1
 # Compiled candidates are timed only if compiling would be repaid by a step this
 # much shorter than the best eager step. The best gain of torch.compile seen for
 # the shallow CNN on a 2-core CPU was 1.8x, a 44% shorter step.
@@ -299,12 +312,24 @@ def make_step(
     return step
 
 
+def timing_budget(planned_s: float | None, candidates: int, floor: float, ceiling: float) -> float:
+    """Return the timing seconds per candidate for ``planned_s`` seconds of planned training.
+
+    ``TUNE_SHARE`` of the planned time shared among the candidates, within
+    ``[floor, ceiling]``. Unknown planned work (None or 0) gets ``ceiling``.
+    """
+    if not planned_s or planned_s <= 0:
+        return ceiling
+    return min(ceiling, max(floor, TUNE_SHARE * planned_s / max(1, candidates)))
+
+
 def time_candidates(
     steps: dict[str, Callable[[int], None]],
     device: torch.device,
     budget_s: float = BUDGET_S,
     slow: Sequence[str] = (),
     threads: dict[str, int] | None = None,
+    budget_for: Callable[[float], float] | None = None,
 ) -> dict[str, float]:
     """Return the seconds per step of each warmed-up step function: its fastest window.
 
@@ -312,11 +337,28 @@ def time_candidates(
     ``budget_s / WINDOWS`` seconds and at least one step. Candidates listed in
     ``slow`` (a step longer than ``budget_s``) get only the first round's window.
     ``threads`` gives a candidate's thread count (default: the current one).
+    ``budget_for``, when given, maps the fastest step's seconds after the first
+    round to the per-candidate budget of the remaining rounds (see ``timing_budget``).
     """
+    return _time_rounds(steps, device, budget_s, slow, threads, budget_for)[0]
+
+
+def _time_rounds(
+    steps: dict[str, Callable[[int], None]],
+    device: torch.device,
+    budget_s: float,
+    slow: Sequence[str],
+    threads: dict[str, int] | None,
+    budget_for: Callable[[float], float] | None,
+) -> tuple[dict[str, float], float]:
+    """Do the timing of ``time_candidates``; return its result and the per-candidate budget used."""
     fastest = {label: float("inf") for label in steps}
     counts = {label: 1 for label in steps}
     window_s = budget_s / WINDOWS
     for round_index in range(WINDOWS):
+        if round_index == 1 and budget_for is not None:
+            budget_s = budget_for(min(fastest.values()))
+            window_s = budget_s / WINDOWS
         for label, step in steps.items():
             if round_index > 0 and label in slow:
                 continue
@@ -329,7 +371,7 @@ def time_candidates(
                     done += 1
                 _synchronize(device)
                 fastest[label] = min(fastest[label], (time.perf_counter() - started) / done)
-    return fastest
+    return fastest, budget_s
 
 
 def _measure(
@@ -340,11 +382,15 @@ def _measure(
     precision: str,
     device: torch.device,
     budget_s: float,
-) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
-    """Time candidates; return images/s and compile seconds per label, and the failures.
+    planned_steps: int = 0,
+) -> tuple[dict[str, float], dict[str, float], dict[str, str], float]:
+    """Time candidates; return images/s and compile seconds per label, the failures and the budget used.
 
     Each candidate's first step is its warm-up, where compilation and kernel
     selection happen; its compile seconds are that step's time less a timed step.
+    With ``planned_steps``, the first round of windows is ``MIN_BUDGET_S`` long and
+    the budget per candidate (at most ``budget_s``) follows from the fastest step
+    times the planned steps (``timing_budget``).
     """
     working, first, failed = {}, {}, {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -368,11 +414,20 @@ def _measure(
             working[label] = step
         slow = [label for label, seconds in first.items() if seconds > budget_s]
         threads = {c.label: c.threads for c in candidates}
-        seconds = time_candidates(working, device, budget_s, slow, threads) if working else {}
+        first_budget_s, budget_for = budget_s, None
+        if planned_steps > 0 and budget_s > MIN_BUDGET_S:
+            first_budget_s = MIN_BUDGET_S
+
+            def budget_for(step_s: float) -> float:
+                return timing_budget(planned_steps * step_s, len(working), MIN_BUDGET_S, budget_s)
+
+        seconds, used_s = (
+            _time_rounds(working, device, first_budget_s, slow, threads, budget_for) if working else ({}, budget_s)
+        )
     speeds = {label: batch_size / s for label, s in seconds.items()}
     compiled = {c.label for c in candidates if c.compile != "off"}
     compile_s = {label: max(0.0, first[label] - seconds[label]) for label in seconds if label in compiled}
-    return speeds, compile_s, failed
+    return speeds, compile_s, failed, used_s
 
 
 def _planned_cost(
@@ -432,6 +487,9 @@ def tune_module(
     speeds: dict[str, float] = dict(entry.get("images_per_s", {}))
     compile_s: dict[str, float] = dict(entry.get("compile_s", {}))
     failed: dict[str, str] = dict(entry.get("failed", {}))
+    # Seconds each cached speed was timed for; entries written before timing was
+    # sized to the planned work were timed for the full BUDGET_S.
+    timed_s: dict[str, float] = dict(entry.get("timed_s", {}))
     skipped: dict[str, str] = {}
 
     layouts = [options.channels_last] if options.channels_last is not None else (
@@ -451,12 +509,26 @@ def tune_module(
         )
         return TuneResult(key, chosen, source="fixed", planned_steps=planned_steps)
 
+    def precise_enough(labels: Sequence[str], candidates: int) -> bool:
+        """Return whether the cached speeds of ``labels`` were timed as long as this plan calls for."""
+        if not labels:
+            return True
+        known = [speeds[label] for label in labels if label in speeds]
+        if len(known) < len(labels):
+            return False
+        planned_s = planned_steps * batch_size / max(known)
+        needed_s = timing_budget(planned_s, candidates, MIN_BUDGET_S, budget_s)
+        return all(timed_s.get(label, BUDGET_S) >= 0.999 * needed_s for label in labels)
+
     measured = False
-    todo = [c for c in eager if c.label not in speeds and c.label not in failed]
-    if todo:
-        new_speeds, _, new_failed = _measure(model, todo, input_shape, batch_size, precision, device, budget_s)
+    todo = [c for c in eager if c.label not in failed]
+    if not precise_enough([c.label for c in todo], len(todo)):
+        new_speeds, _, new_failed, used_s = _measure(
+            model, todo, input_shape, batch_size, precision, device, budget_s, planned_steps
+        )
         speeds.update(new_speeds)
         failed.update(new_failed)
+        timed_s.update(dict.fromkeys(new_speeds, round(used_s, 4)))
         measured = True
 
     best_eager = max((speeds[c.label] for c in eager if c.label in speeds), default=None)
@@ -473,12 +545,15 @@ def tune_module(
             compiled = []
     todo = [c for c in compiled if c.label not in speeds and c.label not in failed]
     if todo:
-        new_speeds, new_compile_s, new_failed = _measure(
+        # Compiled candidates are timed only for planned work large enough to repay a
+        # compilation, so they get the full budget.
+        new_speeds, new_compile_s, new_failed, used_s = _measure(
             model, todo, input_shape, batch_size, precision, device, budget_s
         )
         speeds.update(new_speeds)
         compile_s.update(new_compile_s)
         failed.update(new_failed)
+        timed_s.update(dict.fromkeys(new_speeds, round(used_s, 4)))
         _COMPILED_HERE.update((key, label) for label in new_speeds)
         measured = True
 
@@ -500,6 +575,7 @@ def tune_module(
             "images_per_s": speeds,
             "compile_s": compile_s,
             "failed": failed,
+            "timed_s": timed_s,
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
     result = TuneResult(
@@ -696,11 +772,16 @@ def choose_lanes(
     # comparison does not mix timings taken at different times.
     singles = list({c.label: c for c in (result.chosen, dataclasses.replace(result.chosen, threads=1))}.values())
     session = f"{lanes} lanes vs " + " & ".join(sorted(c.label for c in singles))
-    if session not in measured:
+    tuned_speed = result.images_per_s.get(result.chosen.label)
+    planned_s = result.planned_steps * config.batch_size / tuned_speed if tuned_speed else None
+    # The lanes and each one-network candidate are timed for this long each.
+    budget_s = timing_budget(planned_s, 1 + len(singles), MIN_LANES_BUDGET_S, LANES_BUDGET_S)
+    cached = measured.get(session)
+    if cached is None or cached.get("timed_s", LANES_BUDGET_S) < 0.999 * budget_s:
         together, alone = measure_lanes(
-            model, singles, input_shape, config.batch_size, config.precision, device, lanes, LANES_BUDGET_S,
+            model, singles, input_shape, config.batch_size, config.precision, device, lanes, budget_s,
         )
-        measured[session] = {"lanes": together, "one network": alone}
+        measured[session] = {"lanes": together, "one network": alone, "timed_s": round(budget_s, 4)}
         result.source = "measured"
         if path is not None:
             current = load_cache(path).get(result.key, {})
