@@ -262,6 +262,24 @@ def test_autotune_trusts_cache_without_timing_record(tmp_path):
     assert result.source == "cache"
 
 
+@pytest.mark.parametrize("timed_s", ["garbage", {"any": "garbage"}, {"any": -1.0}, [0.3]])
+def test_autotune_times_again_after_malformed_record(tmp_path, timed_s):
+    model = create_model("shallow_cnn_w8")
+    key = autotune.cache_key("shallow_cnn_w8", (3, 32, 32), 64, "fp32", torch.device("cpu"))
+    labels = [autotune.Candidate(layout, "off", n).label
+              for layout in (False, True) for n in autotune.thread_counts(torch.device("cpu"))]
+    if isinstance(timed_s, dict):
+        timed_s = {label: next(iter(timed_s.values())) for label in labels}
+    path = tmp_path / "a.json"
+    autotune.save_entry(path, key, {"images_per_s": dict.fromkeys(labels, 1000.0), "failed": {}, "timed_s": timed_s})
+    result = autotune.tune_module(
+        model, (3, 32, 32), 64, "fp32", "cpu", ExecutionOptions(compile="off"), planned_steps=10,
+        name="shallow_cnn_w8", cache=path,
+    )
+    assert result.source == "measured"
+    assert set(json.loads(path.read_text())[key]["timed_s"].values()) == {autotune.MIN_BUDGET_S}
+
+
 def test_tune_includes_group_choice(tmp_path):
     result = autotune.tune(
         "mlp_d1_h64", CIFAR10, TrainConfig(max_epochs=2), n_train=256, n_jobs=4, device="cpu",

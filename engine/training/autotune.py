@@ -45,6 +45,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -487,9 +488,10 @@ def tune_module(
     speeds: dict[str, float] = dict(entry.get("images_per_s", {}))
     compile_s: dict[str, float] = dict(entry.get("compile_s", {}))
     failed: dict[str, str] = dict(entry.get("failed", {}))
-    # Seconds each cached speed was timed for; entries written before timing was
-    # sized to the planned work were timed for the full BUDGET_S.
-    timed_s: dict[str, float] = dict(entry.get("timed_s", {}))
+    # Seconds each cached speed was timed for. A speed without one was cached before
+    # timings were recorded, and so timed for the full BUDGET_S. A malformed record is timed again.
+    timed_s = _seconds_by_label(entry.get("timed_s"))
+    untimed_s = BUDGET_S if isinstance(entry.get("timed_s", {}), dict) else 0.0
     skipped: dict[str, str] = {}
 
     layouts = [options.channels_last] if options.channels_last is not None else (
@@ -518,7 +520,7 @@ def tune_module(
             return False
         planned_s = planned_steps * batch_size / max(known)
         needed_s = timing_budget(planned_s, candidates, MIN_BUDGET_S, budget_s)
-        return all(timed_s.get(label, BUDGET_S) >= 0.999 * needed_s for label in labels)
+        return all(timed_s.get(label, untimed_s) >= 0.999 * needed_s for label in labels)
 
     measured = False
     todo = [c for c in eager if c.label not in failed]
@@ -777,7 +779,7 @@ def choose_lanes(
     # The lanes and each one-network candidate are timed for this long each.
     budget_s = timing_budget(planned_s, 1 + len(singles), MIN_LANES_BUDGET_S, LANES_BUDGET_S)
     cached = measured.get(session)
-    if cached is None or cached.get("timed_s", LANES_BUDGET_S) < 0.999 * budget_s:
+    if not _usable_lanes_entry(cached) or _seconds(cached.get("timed_s", LANES_BUDGET_S)) < 0.999 * budget_s:
         together, alone = measure_lanes(
             model, singles, input_shape, config.batch_size, config.precision, device, lanes, budget_s,
         )
@@ -806,6 +808,30 @@ def choose_lanes(
             f"measured: {together:.0f} images/s, not {LANES_MARGIN:.2f}x one network's {single:.0f} "
             f"({best.label})"
         )
+
+
+def _seconds(value: Any) -> float:
+    """Return a cached timing in seconds; anything but a finite non-negative number counts as 0 (time again)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return 0.0
+
+
+def _seconds_by_label(value: Any) -> dict[str, float]:
+    """Return the cache's ``timed_s`` map with every value read by ``_seconds``; anything but a map gives none."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(label): _seconds(seconds) for label, seconds in value.items()}
+
+
+def _usable_lanes_entry(entry: Any) -> bool:
+    """Return whether a cached lanes session holds a lanes speed and one-network speeds to compare."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("lanes"), (int, float))
+        and isinstance(entry.get("one network"), dict)
+        and all(isinstance(v, (int, float)) for v in entry["one network"].values())
+    )
 
 
 def _eager_on_cpu(result: TuneResult, device: torch.device) -> bool:
