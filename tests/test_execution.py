@@ -280,6 +280,43 @@ def test_autotune_times_again_after_malformed_record(tmp_path, timed_s):
     assert set(json.loads(path.read_text())[key]["timed_s"].values()) == {autotune.MIN_BUDGET_S}
 
 
+def _cached_speeds(path, speeds):
+    """Write a cache entry for shallow_cnn_w8 with the given speeds, timed for the full budget."""
+    key = autotune.cache_key("shallow_cnn_w8", (3, 32, 32), 64, "fp32", torch.device("cpu"))
+    autotune.save_entry(path, key, {
+        "images_per_s": speeds, "failed": {}, "timed_s": dict.fromkeys(speeds, autotune.BUDGET_S),
+    })
+
+
+def _eager_labels():
+    return [autotune.Candidate(layout, "off", n).label
+            for layout in (False, True) for n in autotune.thread_counts(torch.device("cpu"))]
+
+
+def test_autotune_times_again_after_nan_speed(tmp_path):
+    labels = _eager_labels()
+    _cached_speeds(tmp_path / "a.json", {**dict.fromkeys(labels, 1000.0), labels[0]: float("nan")})
+    result = autotune.tune_module(
+        create_model("shallow_cnn_w8"), (3, 32, 32), 64, "fp32", "cpu", ExecutionOptions(compile="off"),
+        planned_steps=10, name="shallow_cnn_w8", cache=tmp_path / "a.json",
+    )
+    assert result.source == "measured"
+    assert all(speed > 0 for speed in result.images_per_s.values())
+
+
+@pytest.mark.parametrize("planned_steps", [0, -5])
+def test_autotune_unknown_work_takes_fastest(tmp_path, planned_steps):
+    labels = _eager_labels()
+    speeds = {label: 1000.0 + 10 * i for i, label in enumerate(labels)}
+    _cached_speeds(tmp_path / "a.json", speeds)
+    result = autotune.tune_module(
+        create_model("shallow_cnn_w8"), (3, 32, 32), 64, "fp32", "cpu", ExecutionOptions(compile="off"),
+        planned_steps=planned_steps, name="shallow_cnn_w8", cache=tmp_path / "a.json",
+    )
+    assert result.source == "cache"
+    assert result.chosen.label == labels[-1]
+
+
 def test_tune_includes_group_choice(tmp_path):
     result = autotune.tune(
         "mlp_d1_h64", CIFAR10, TrainConfig(max_epochs=2), n_train=256, n_jobs=4, device="cpu",

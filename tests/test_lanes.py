@@ -224,15 +224,15 @@ def test_tune_times_lanes_again_for_larger_plans(tmp_path: Path) -> None:
     assert lanes_timed_s(again) == autotune.LANES_BUDGET_S
 
     # A malformed lanes session is timed again, not read.
-    entries = json.loads(path.read_text())
-    sessions = entries[again.key]["lanes"]["channels_last"]
-    for session in sessions.values():
-        session["lanes"] = "fast"
-    path.write_text(json.dumps(entries))
-    mended = autotune.tune("mlp_d1_h16", CIFAR10, TrainConfig(max_epochs=1), 256, 2, CPU, options,
-                           cache=path, concurrent_jobs=2)
-    assert mended.source == "measured"
-    assert mended.lanes_images_per_s[2] > 0
+    for broken in ({"lanes": "fast"}, {"one network": {}}):
+        entries = json.loads(path.read_text())
+        for session in entries[again.key]["lanes"]["channels_last"].values():
+            session.update(broken)
+        path.write_text(json.dumps(entries))
+        mended = autotune.tune("mlp_d1_h16", CIFAR10, TrainConfig(max_epochs=1), 256, 2, CPU, options,
+                               cache=path, concurrent_jobs=2)
+        assert mended.source == "measured", f"session with {broken} was read"
+        assert mended.lanes_images_per_s[2] > 0
 
 
 def test_user_lanes_share_the_threads(tmp_path: Path) -> None:

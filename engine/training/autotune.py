@@ -43,18 +43,14 @@ import dataclasses
 import datetime
 import functools
 import hashlib
-import json
 import logging
-import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import pooch
 import torch
 from torch import nn
 
@@ -64,10 +60,17 @@ from engine.models.registry import InputSpec
 from engine.training.config import TrainConfig
 from engine.training.execution import ExecutionOptions
 from engine.training.trainer import autocast_context, compile_model, train_step
+from engine.training.tune_cache import (  # noqa: F401 - CACHE_ENV and cache_path are part of this API
+    CACHE_ENV,
+    cache_path,
+    clean_entry,
+    load_cache,
+    save_entry,
+    session_timed_s,
+)
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "ENGINE_AUTOTUNE_CACHE"
 # Seconds of timed steps per candidate, split into windows interleaved across
 # candidates, so a burst of load on a shared machine slows all candidates alike.
 BUDGET_S = 0.3
@@ -174,42 +177,6 @@ class TuneResult:
             "lanes_images_per_s": {str(k): round(v, 1) for k, v in self.lanes_images_per_s.items()},
             "lanes_reason": self.lanes_reason,
         }
-
-
-def cache_path() -> Path:
-    """Return the autotune cache file: ``$ENGINE_AUTOTUNE_CACHE``, else one in the per-user cache folder."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(pooch.os_cache("learnability-engine")) / "autotune.json"
-
-
-def load_cache(path: Path) -> dict[str, Any]:
-    """Return the cache file's entries; a missing or unreadable file gives none (logged)."""
-    try:
-        with open(path) as file:
-            entries = json.load(file)
-    except FileNotFoundError:
-        return {}
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("ignoring the unreadable autotune cache %s: %s", path, exc)
-        return {}
-    return entries if isinstance(entries, dict) else {}
-
-
-def save_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
-    """Write one entry into the cache file, keeping the others (atomic rename; last writer wins)."""
-    entries = load_cache(path)
-    entries[key] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(entries, file, indent=1, sort_keys=True)
-        os.replace(partial, path)
-    except OSError as exc:
-        log.warning("could not write the autotune cache %s: %s", path, exc)
-        with contextlib.suppress(OSError):
-            os.remove(partial)
 
 
 @functools.lru_cache(maxsize=None)
@@ -484,14 +451,12 @@ def tune_module(
         path = cache_path()
     else:
         path = Path(cache)
-    entry = load_cache(path).get(key, {}) if path is not None else {}
+    # A speed cached before timings were recorded was timed for the full BUDGET_S.
+    entry = clean_entry(load_cache(path).get(key) if path is not None else None, BUDGET_S)
     speeds: dict[str, float] = dict(entry.get("images_per_s", {}))
     compile_s: dict[str, float] = dict(entry.get("compile_s", {}))
     failed: dict[str, str] = dict(entry.get("failed", {}))
-    # Seconds each cached speed was timed for. A speed without one was cached before
-    # timings were recorded, and so timed for the full BUDGET_S. A malformed record is timed again.
-    timed_s = _seconds_by_label(entry.get("timed_s"))
-    untimed_s = BUDGET_S if isinstance(entry.get("timed_s", {}), dict) else 0.0
+    timed_s: dict[str, float] = dict(entry.get("timed_s", {}))
     skipped: dict[str, str] = {}
 
     layouts = [options.channels_last] if options.channels_last is not None else (
@@ -520,7 +485,7 @@ def tune_module(
             return False
         planned_s = planned_steps * batch_size / max(known)
         needed_s = timing_budget(planned_s, candidates, MIN_BUDGET_S, budget_s)
-        return all(timed_s.get(label, untimed_s) >= 0.999 * needed_s for label in labels)
+        return all(timed_s.get(label, 0.0) >= 0.999 * needed_s for label in labels)
 
     measured = False
     todo = [c for c in eager if c.label not in failed]
@@ -562,8 +527,9 @@ def tune_module(
     timed = [c for c in eager + compiled if c.label in speeds]
     if not timed:
         raise RuntimeError(f"autotune: every candidate failed for {key}: {failed}")
+    # Unknown planned work (0 steps) is weighed as one step, so the fastest eager step wins.
     costs = {
-        c.label: _planned_cost(c, speeds[c.label], compile_s.get(c.label), batch_size, planned_steps, key)
+        c.label: _planned_cost(c, speeds[c.label], compile_s.get(c.label), batch_size, max(1, planned_steps), key)
         for c in timed
     }
     best = min(timed, key=lambda c: costs[c.label])
@@ -767,7 +733,7 @@ def choose_lanes(
         path = cache_path()
     else:
         path = Path(cache)
-    entry = load_cache(path).get(result.key, {}) if path is not None else {}
+    entry = clean_entry(load_cache(path).get(result.key) if path is not None else None, BUDGET_S)
     layout = "channels_last" if chosen.channels_last else "nchw"
     measured = dict(entry.get("lanes", {}).get(layout, {}))
     # One network is timed again beside the lanes, in alternating windows, so the
@@ -779,15 +745,21 @@ def choose_lanes(
     # The lanes and each one-network candidate are timed for this long each.
     budget_s = timing_budget(planned_s, 1 + len(singles), MIN_LANES_BUDGET_S, LANES_BUDGET_S)
     cached = measured.get(session)
-    if not _usable_lanes_entry(cached) or _seconds(cached.get("timed_s", LANES_BUDGET_S)) < 0.999 * budget_s:
+    if (
+        cached is None
+        or any(c.label not in cached["one network"] for c in singles)
+        or session_timed_s(cached, LANES_BUDGET_S) < 0.999 * budget_s
+    ):
+        started = time.perf_counter()
         together, alone = measure_lanes(
             model, singles, input_shape, config.batch_size, config.precision, device, lanes, budget_s,
         )
+        result.measure_time_s += time.perf_counter() - started
         measured[session] = {"lanes": together, "one network": alone, "timed_s": round(budget_s, 4)}
         result.source = "measured"
         if path is not None:
-            current = load_cache(path).get(result.key, {})
-            save_entry(path, result.key, {**current, "lanes": {**current.get("lanes", {}), layout: measured}})
+            current = clean_entry(load_cache(path).get(result.key), BUDGET_S)
+            save_entry(path, result.key, {**current, "lanes": {**current["lanes"], layout: measured}})
     together, alone = measured[session]["lanes"], measured[session]["one network"]
     best = max(singles, key=lambda c: alone[c.label])
     single = alone[best.label]
@@ -808,30 +780,6 @@ def choose_lanes(
             f"measured: {together:.0f} images/s, not {LANES_MARGIN:.2f}x one network's {single:.0f} "
             f"({best.label})"
         )
-
-
-def _seconds(value: Any) -> float:
-    """Return a cached timing in seconds; anything but a finite non-negative number counts as 0 (time again)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-        return float(value)
-    return 0.0
-
-
-def _seconds_by_label(value: Any) -> dict[str, float]:
-    """Return the cache's ``timed_s`` map with every value read by ``_seconds``; anything but a map gives none."""
-    if not isinstance(value, dict):
-        return {}
-    return {str(label): _seconds(seconds) for label, seconds in value.items()}
-
-
-def _usable_lanes_entry(entry: Any) -> bool:
-    """Return whether a cached lanes session holds a lanes speed and one-network speeds to compare."""
-    return (
-        isinstance(entry, dict)
-        and isinstance(entry.get("lanes"), (int, float))
-        and isinstance(entry.get("one network"), dict)
-        and all(isinstance(v, (int, float)) for v in entry["one network"].values())
-    )
 
 
 def _eager_on_cpu(result: TuneResult, device: torch.device) -> bool:
