@@ -39,6 +39,7 @@ from engine.models import CIFAR10, MNIST
 from engine.models.registry import InputSpec
 from engine.models.shallow import MLP, ShallowCNN
 from engine.training.config import TrainConfig
+from engine.training.execution import ExecutionOptions
 
 CPU = torch.device("cpu")
 SUBSET = 200  # images per split in the real-data tests: 4 minibatches of 64 per epoch
@@ -392,6 +393,15 @@ def test_run_jobs_groups_and_falls_back(cifar: DataContext) -> None:
     assert [record["trainer"] for _, record, _ in one_by_one] == ["single", "single"]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_groups_keep_given_layout(cifar: DataContext, channels_last: bool) -> None:
+    jobs = _n1_jobs("shallow_cnn_w8", TrainConfig(max_epochs=1), seeds=(0,), regimes=("true_data", "random_labels"))
+    execution = ExecutionOptions(channels_last=channels_last, compile="off", threads=2)
+    results = list(run_jobs(jobs, cifar, CPU, options=FusedOptions(group_size=2), execution=execution))
+    assert [record["trainer"] for _, record, _ in results] == ["fused G=2", "fused G=2"]
+    assert all(record["execution"]["channels_last"] is channels_last for _, record, _ in results)
+
+
 def test_choose_group_size_measures_and_caches(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     clear_cache()
     calls = []
@@ -434,4 +444,6 @@ def test_fused_options_validate() -> None:
         FusedOptions(group_size=0)
     with pytest.raises(ValueError, match="repack_fraction"):
         FusedOptions(repack_fraction=0.0)
-    assert FusedOptions().to_dict() == {"group_size": None, "share_batches": False, "repack_fraction": 0.25}
+    assert FusedOptions().to_dict() == {
+        "group_size": None, "share_batches": False, "repack_fraction": 0.25, "channels_last": None,
+    }

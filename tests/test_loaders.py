@@ -158,6 +158,13 @@ def test_dali_every_pixel_value():
     assert_same_batches(batches, expected_batches(images, labels, epochs=1, batch=2), "dali")
 
 
+@needs_dali
+def test_dali_rejects_flat_images():
+    images = torch.zeros((4, 3072), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"reads images \[n, C, H, W\], got shape \(4, 3072\)"):
+        make_loader("dali", images, torch.zeros(4, dtype=torch.int64), 2)
+
+
 @needs_ffcv
 def test_ffcv_matches_tensor_loader(training_set, tmp_path):
     images, labels = training_set

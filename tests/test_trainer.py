@@ -95,3 +95,10 @@ def test_predict_channels_last_feeds_the_same_pixels(small):
     np.testing.assert_array_equal(predict(model, images, channels_last=True, batch_size=100), expected)
     # Batches of 64 give the same classes: a row's logits do not depend on its batch.
     np.testing.assert_array_equal(predict(model, images, channels_last=True), expected)
+
+
+def test_empty_training_set_rejected():
+    model = create_model("shallow_cnn_w16")
+    empty = torch.zeros((0, 3, 32, 32), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    with pytest.raises(ValueError, match="empty training set"):
+        train_network(model, *empty, TrainConfig(max_epochs=1), order_seed=0)

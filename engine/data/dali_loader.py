@@ -85,6 +85,10 @@ class DALILoader:
         num_threads: int | None = None,
     ) -> None:
         check_training_set(images, labels)
+        if images.dim() != 4:
+            raise ValueError(
+                f"the dali loader reads images [n, C, H, W], got shape {tuple(images.shape)}; use the tensor loader"
+            )
         self.feed_ndarray = import_dali()["feed_ndarray"]
         self.batch_size = batch_size
         self.device = torch.device(device)

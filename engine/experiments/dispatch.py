@@ -9,6 +9,7 @@ so lanes do not wait for the slowest N1 before the N2 start.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -62,8 +63,10 @@ def run_jobs(
             ``autotune.tune`` decides per bucket the options left open and the group
             size together, and the lanes: buckets that train one network at a time
             in several lanes train together, in threads, after the other buckets.
-            A loader other than ``tensor`` trains one network at a time, because
-            fused groups gather their batches from the tensors.
+            A loader other than ``tensor`` is never fused, because fused groups
+            gather their batches from the tensors; lanes may still train several
+            such networks at once. A layout given in ``execution`` holds for fused
+            groups too.
         on_tune: called with each bucket's autotune result.
         stop: called after every epoch of every training. When it returns True,
             the networks in training are abandoned with :class:`TimeUp`.
@@ -74,6 +77,9 @@ def run_jobs(
     """
     device = torch.device(device)
     options = options or FusedOptions()
+    if execution is not None and execution.channels_last is not None:
+        # A layout the user gave holds for fused groups too.
+        options = dataclasses.replace(options, channels_last=execution.channels_last)
     labels = dict(parent_d2 or {})
     jobs = list(jobs)
     waiting: dict[str, list[NetworkJob]] = {}

@@ -61,11 +61,14 @@ class FusedOptions:
         repack_fraction: finished members are dropped from a group (its stacked
             parameters sliced) once they are at least this share of it. Until then
             they stay in the step, frozen with learning rate 0. 1.0 repacks never.
+        channels_last: the convolution layout of fused groups; None takes the
+            device's usual one (``prefers_channels_last``).
     """
 
     group_size: int | None = None
     share_batches: bool = False
     repack_fraction: float = 0.25
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         if self.group_size is not None and (isinstance(self.group_size, bool) or self.group_size < 1):
@@ -215,7 +218,8 @@ class _FusedGroup:
         if not is_fusable(first):
             raise TypeError(f"{jobs[0].model} has no fused version; train it with run_job")
         self.model = empty_fused_like(first, len(jobs), data.dataset.spec).to(device)
-        self.model.channels_last = prefers_channels_last(device)
+        layout = options.channels_last
+        self.model.channels_last = prefers_channels_last(device) if layout is None else layout
         self.model.load_member(0, first)
         for g, job in enumerate(jobs[1:], start=1):
             self.model.load_member(g, build_model(job, data))
@@ -376,7 +380,7 @@ def train_group(
         data: the run's dataset and splits.
         device: where to train.
         parent_d2: for each N2 job's key, its parent N1's predictions on D2.
-        options: ``share_batches`` and ``repack_fraction``; ``group_size`` is ignored
+        options: ``share_batches``, ``repack_fraction`` and ``channels_last``; ``group_size`` is ignored
             (the group is ``jobs``).
         stop: called before every epoch. When it returns True, the members still
             training are abandoned with :class:`TimeUp`.

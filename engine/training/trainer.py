@@ -164,7 +164,10 @@ def train_network(
         UsageError: an execution option the device cannot run, ``execution.amp``
             set but different from ``config.precision``, or a loader whose package
             is not installed.
+        ValueError: an empty training set.
     """
+    if len(labels) == 0:
+        raise ValueError("cannot train on an empty training set: give at least one image")
     device = torch.device(device)
     started = time.perf_counter()
     options, tuning = resolve_execution(execution, model, tuple(images.shape[1:]), config, len(labels), device)
