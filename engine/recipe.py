@@ -7,10 +7,13 @@ directory keeps every trained network, so the same command run again resumes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -108,6 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process gets SIGTERM, so a run ends as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Turn SIGTERM into ``Terminated`` for the block (main thread only), then restore the handler.
+
+    Job schedulers stop a job with SIGTERM. Without a handler Python ends at once,
+    without the message on how to resume and without stopping the lanes first.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _narrow_recipe(args: argparse.Namespace):
     # Recipe validates the narrowed fields again (models, regimes, seeds).
     return load_recipe(args.recipe).narrowed(n1=args.n1, n2=args.n2, regimes=args.regimes, seeds=args.seeds)
@@ -193,15 +221,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe.name, len(plan.n1_jobs), len(plan.n2_jobs), done, out,
     )
     try:
-        report = run_plan(
-            plan, store, executor, progress=not args.quiet,
-            deadline=deadline,
-            estimates=budget.job_seconds() if budget is not None else None,
-        )
-    except KeyboardInterrupt:
+        with _sigterm_interrupts():
+            report = run_plan(
+                plan, store, executor, progress=not args.quiet,
+                deadline=deadline,
+                estimates=budget.job_seconds() if budget is not None else None,
+            )
+    except KeyboardInterrupt as exc:
         saved = sum(store.has(job.key) for job in plan.jobs)
-        print(f"\ninterrupted: {saved} networks are saved in {out}; run the same command to resume", file=sys.stderr)
-        return 130
+        stopped_by = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\n{stopped_by}: {saved} networks are saved in {out}; run the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     except WorkerLostError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -160,6 +160,31 @@ def test_kill_midway_then_resume(data_dir, tmp_path):
     assert "reused 0" not in done.stderr
 
 
+def test_sigterm_midway_then_resume(data_dir, tmp_path):
+    """SIGTERM the real command after its first network is saved: it says how to resume, and the rerun does."""
+    args = [sys.executable, "-m", "engine.recipe", "table1", "--n1", "shallow_cnn_w16", "--seeds", "1",
+            "--subset", "200", "--max-epochs", "40", "--regimes", "true_data,random_labels", "--quiet",
+            "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    networks = tmp_path / "networks"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(networks.glob("*.json")) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    saved = sorted(p.stem for p in networks.glob("*.json"))
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert f"terminated (SIGTERM): {len(saved)} networks are saved" in stderr
+    assert "Traceback" not in stderr
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(networks.glob("*.json"))) == 4
+    assert f"reused {len(saved)}" in done.stderr
+
+
 def test_diverging_runs_recorded_and_grid_goes_on(data_dir, tmp_path):
     recipe = tmp_path / "diverge.toml"
     recipe.write_text(
