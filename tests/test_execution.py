@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -315,6 +316,16 @@ def test_autotune_unknown_work_takes_fastest(tmp_path, planned_steps):
     )
     assert result.source == "cache"
     assert result.chosen.label == labels[-1]
+
+
+def test_timing_under_load_warned(tmp_path, caplog):
+    one, two = autotune.Candidate(True, "off", 1), autotune.Candidate(True, "off", 2)
+    with caplog.at_level(logging.WARNING, logger="engine.training.autotune"):
+        autotune._warn_if_timed_under_load({one.label: 18000.0, two.label: 25000.0}, [one, two], "w16", tmp_path)
+        assert not caplog.records, "2 threads faster than 1 is no sign of load"
+        autotune._warn_if_timed_under_load({one.label: 18000.0, two.label: 500.0}, [one, two], "w16", tmp_path)
+    assert "2 threads timed 500 images/s against 18000 for 1 thread" in caplog.text
+    assert f"delete {tmp_path} to time again" in caplog.text
 
 
 def test_tune_includes_group_choice(tmp_path):

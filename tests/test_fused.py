@@ -402,9 +402,11 @@ def test_fused_groups_keep_given_layout(cifar: DataContext, channels_last: bool)
     assert all(record["execution"]["channels_last"] is channels_last for _, record, _ in results)
 
 
-def test_choose_group_size_measures_and_caches(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+@pytest.fixture
+def measured_sizes(monkeypatch: pytest.MonkeyPatch):
+    """Yield the list of group sizes measured, in order, with the process cache cleared before and after."""
     clear_cache()
-    calls = []
+    calls: list[int] = []
     real_measure = strategy.measure_throughput
 
     def counting_measure(*args, **kwargs):
@@ -412,6 +414,12 @@ def test_choose_group_size_measures_and_caches(monkeypatch: pytest.MonkeyPatch, 
         return real_measure(*args, **kwargs)
 
     monkeypatch.setattr(strategy, "measure_throughput", counting_measure)
+    yield calls
+    clear_cache()
+
+
+def test_choose_group_size_measures_and_caches(measured_sizes, caplog) -> None:
+    calls = measured_sizes
     with caplog.at_level(logging.INFO, logger="engine.fused.strategy"):
         choice = choose_group_size("mlp_d1_h8", CIFAR10, 64, 5, CPU, candidates=(1, 4), budget_s=0.01)
     assert calls == [1, 4]
@@ -428,7 +436,27 @@ def test_choose_group_size_measures_and_caches(monkeypatch: pytest.MonkeyPatch, 
 
     assert choose_group_size("vgg11", CIFAR10, 64, 10, CPU).reason == "not fusable"
     assert choose_group_size("mlp_d1_h8", CIFAR10, 64, 1, CPU).group_size == 1
-    clear_cache()
+
+
+def test_group_sizes_kept_in_cache_file(measured_sizes, tmp_path) -> None:
+    calls = measured_sizes
+    path = tmp_path / "autotune.json"
+    args = ("mlp_d1_h8", CIFAR10, 64, 5, CPU)
+    first = choose_group_size(*args, candidates=(1, 4), budget_s=0.01, cache=path)
+    assert calls == [1, 4]
+    (entry,) = json.loads(path.read_text()).values()
+    assert set(entry["groups"]["independent"]) == {"1", "4"}
+
+    clear_cache()  # a new process: only the file remembers
+    again = choose_group_size(*args, candidates=(1, 4), budget_s=0.01, cache=path)
+    assert calls == [1, 4], "group sizes in the cache file were measured again"
+    assert again.images_per_s == pytest.approx(first.images_per_s)
+    assert again.group_size == first.group_size
+
+    choose_group_size(*args, candidates=(1, 4), budget_s=0.01, shared=True, cache=path)
+    assert calls == [1, 4, 1, 4], "shared batches are a different measurement"
+    (entry,) = json.loads(path.read_text()).values()
+    assert set(entry["groups"]) == {"independent", "shared"}
 
 
 def test_step_memory_estimate_grows_with_width() -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -28,6 +29,7 @@ from engine.fused.sgd import FusedSGD, fused_train_step
 from engine.models import create_model
 from engine.models.registry import InputSpec
 from engine.training.trainer import autocast_context
+from engine.training.tune_cache import architecture_name, cache_key, cache_path, clean_entry, load_cache, save_entry
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +325,7 @@ def choose_group_size(
     precision: str = "fp32",
     budget_s: float = 0.06,
     total_budget_s: float = 3.0,
+    cache: Path | str | None | bool = False,
 ) -> GroupChoice:
     """Measure candidate group sizes for this model on ``device`` and return the fastest.
 
@@ -340,14 +343,17 @@ def choose_group_size(
         total_budget_s: no further candidate is measured once measuring it would
             likely end past this many seconds; G=1 and the smallest fused
             candidate are always measured.
+        cache: the autotune cache file that keeps throughputs across runs (``groups``
+            in its entry for this architecture), None for ``tune_cache.cache_path()``,
+            False for none.
 
     Candidates larger than half the free device memory allows are skipped, and so
     are larger ones once a candidate reaches less than 70% of the best throughput so
     far. A fused size is chosen only if it beats G=1 by 5%. A wide network on a CPU
     takes seconds per step, so there measuring alone can take several seconds. Throughputs are cached in
     this process per (device, model, input, batch size, shared, precision), so later
-    calls measure only candidates not yet measured. The choice and its throughputs
-    are logged at INFO.
+    calls measure only candidates not yet measured, and with ``cache`` so do later
+    runs. The choice and its throughputs are logged at INFO.
     """
     device = torch.device(device)
     if n_jobs < 1:
@@ -360,7 +366,12 @@ def choose_group_size(
     started = time.perf_counter()
     cap = max_group_size(model_name, spec, batch_size, device)
     tried = _candidates_for(n_jobs, candidates, cap)
-    cache = _THROUGHPUT_CACHE.setdefault((str(device), model_name, spec, batch_size, shared, precision), {})
+    known = _THROUGHPUT_CACHE.setdefault((str(device), model_name, spec, batch_size, shared, precision), {})
+    stored = _StoredThroughputs(cache, model_name, spec, batch_size, device, shared, precision)
+    for g, speed in stored.read().items():
+        known.setdefault(g, speed)
+    cache = known
+    before = dict(cache)
     best = 0.0
     for rank, group_size in enumerate(tried):
         if group_size not in cache:
@@ -377,6 +388,8 @@ def choose_group_size(
             )
         best = max(best, cache[group_size])
     measured = {g: cache[g] for g in tried if g in cache}
+    if cache != before:
+        stored.write(cache)
 
     fused = {g: v for g, v in measured.items() if g > 1}
     group_size = 1
@@ -395,6 +408,41 @@ def choose_group_size(
     log.debug("group size for %s: images/s by G: %s", model_name,
               ", ".join(f"{g}: {v:.0f}" for g, v in sorted(measured.items())))
     return choice
+
+
+class _StoredThroughputs:
+    """Group-size throughputs of one architecture in the autotune cache file."""
+
+    def __init__(
+        self, cache: Path | str | None | bool, model_name: str, spec: InputSpec, batch_size: int,
+        device: torch.device, shared: bool, precision: str,
+    ) -> None:
+        if cache is False:
+            self.path = None
+        else:
+            self.path = cache_path() if cache is None or cache is True else Path(cache)
+        self.mode = "shared" if shared else "independent"
+        self.key = ""
+        if self.path is not None:
+            architecture = architecture_name(template_model(model_name, spec))
+            shape = (spec.channels, spec.height, spec.width)
+            self.key = cache_key(architecture, shape, batch_size, precision, device)
+
+    def read(self) -> dict[int, float]:
+        """Return the stored images/s per group size (none without a file)."""
+        if self.path is None:
+            return {}
+        entry = clean_entry(load_cache(self.path).get(self.key))
+        return {int(g): v for g, v in entry.get("groups", {}).get(self.mode, {}).items()}
+
+    def write(self, throughputs: dict[int, float]) -> None:
+        """Add ``throughputs`` to the stored ones, keeping the rest of the entry."""
+        if self.path is None:
+            return
+        entry = clean_entry(load_cache(self.path).get(self.key))
+        groups = entry.get("groups", {})
+        merged = {**groups.get(self.mode, {}), **{str(g): v for g, v in throughputs.items()}}
+        save_entry(self.path, self.key, {**entry, "groups": {**groups, self.mode: merged}})
 
 
 def _gave_up(cache: dict[int, float], group_size: int, best: float) -> bool:

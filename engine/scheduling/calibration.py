@@ -418,7 +418,9 @@ def _add_fused_speeds(
         elif tuned is not None and too_small_to_measure_groups(tuned, speed.batch_size):
             chosen = 1
         else:
-            choice = choose_group_size(speed.model, spec, speed.batch_size, bucket, device, shared=shared, precision=precision)
+            choice = choose_group_size(
+                speed.model, spec, speed.batch_size, bucket, device, shared=shared, precision=precision, cache=None,
+            )
             chosen = choice.group_size
             single = tuned.images_per_s.get(tuned.chosen.label) if tuned is not None else None
             if chosen > 1 and single is not None and choice.images_per_s.get(chosen, 0.0) < FUSED_MARGIN * single:

@@ -41,11 +41,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import functools
-import hashlib
 import logging
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,10 +56,13 @@ from engine.models.registry import InputSpec
 from engine.training.config import TrainConfig
 from engine.training.execution import ExecutionOptions
 from engine.training.trainer import autocast_context, compile_model, train_step
-from engine.training.tune_cache import (  # noqa: F401 - CACHE_ENV and cache_path are part of this API
+from engine.training.tune_cache import (  # noqa: F401 - the key and the file are part of this module's API
     CACHE_ENV,
+    architecture_name,
+    cache_key,
     cache_path,
     clean_entry,
+    device_name,
     load_cache,
     save_entry,
     session_timed_s,
@@ -179,36 +178,6 @@ class TuneResult:
         }
 
 
-@functools.lru_cache(maxsize=None)
-def device_name(device: torch.device) -> str:
-    """Return a name of the device's hardware: the GPU name, or the CPU model and core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return f"{cpu} x{os.cpu_count()}"
-
-
-def architecture_name(model: nn.Module) -> str:
-    """Return the model's class and a hash of its parameter shapes: equal for equal architectures."""
-    shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
-    return f"{type(model).__name__}-{hashlib.sha1(shapes.encode()).hexdigest()[:10]}"
-
-
-def cache_key(
-    architecture: str, input_shape: Sequence[int], batch_size: int, precision: str, device: torch.device
-) -> str:
-    """Return the key of one measurement: hardware, threads, PyTorch, architecture, input, batch, precision."""
-    threads = f"threads={torch.get_num_threads()}" if device.type == "cpu" else device.type
-    shape = "x".join(str(d) for d in input_shape)
-    return f"{device_name(device)}|{threads}|torch={torch.__version__}|{architecture}|{shape}|b{batch_size}|{precision}"
-
-
 def compile_modes(device: torch.device) -> list[str]:
     """Return the compile modes autotuning tries: CUDA graphs only on CUDA; max-autotune only on request."""
     return ["default", "reduce-overhead"] if device.type == "cuda" else ["default"]
@@ -319,7 +288,7 @@ def _time_rounds(
     threads: dict[str, int] | None,
     budget_for: Callable[[float], float] | None,
 ) -> tuple[dict[str, float], float]:
-    """Do the timing of ``time_candidates``; return its result and the per-candidate budget used."""
+    """Time as ``time_candidates`` does, and also return the per-candidate budget used."""
     fastest = {label: float("inf") for label in steps}
     counts = {label: 1 for label in steps}
     window_s = budget_s / WINDOWS
@@ -352,7 +321,7 @@ def _measure(
     budget_s: float,
     planned_steps: int = 0,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, str], float]:
-    """Time candidates; return images/s and compile seconds per label, the failures and the budget used.
+    """Time candidates and return images/s and compile seconds per label, the failures and the budget used.
 
     Each candidate's first step is its warm-up, where compilation and kernel
     selection happen; its compile seconds are that step's time less a timed step.
@@ -497,6 +466,7 @@ def tune_module(
         failed.update(new_failed)
         timed_s.update(dict.fromkeys(new_speeds, round(used_s, 4)))
         measured = True
+        _warn_if_timed_under_load(new_speeds, todo, label or name or architecture_name(model), path)
 
     best_eager = max((speeds[c.label] for c in eager if c.label in speeds), default=None)
     if compiled and options.compile is None and best_eager is not None:
@@ -563,6 +533,32 @@ def tune_module(
         f"; compile s {', '.join(f'{k} {v:.1f}' for k, v in result.compile_s.items())}" if result.compile_s else "",
     )
     return result
+
+
+# Several threads of one step slower than one thread by this factor suggest that
+# another process held the CPUs while timing.
+LOAD_SUSPECT_RATIO = 0.5
+
+
+def _warn_if_timed_under_load(
+    speeds: dict[str, float], candidates: Sequence[Candidate], name: str, path: Path | None
+) -> None:
+    """Warn when several threads timed far slower than one thread of the same layout.
+
+    That is what a busy machine does to a multi-threaded step, and the timing stays in
+    the cache after the load is gone.
+    """
+    for candidate in candidates:
+        one = dataclasses.replace(candidate, threads=1)
+        if candidate.threads < 2 or candidate.label not in speeds or one.label not in speeds:
+            continue
+        if speeds[candidate.label] < LOAD_SUSPECT_RATIO * speeds[one.label]:
+            where = f"delete {path} to time again" if path is not None else "time again on an idle machine"
+            log.warning(
+                "autotune %s: %d threads timed %.0f images/s against %.0f for 1 thread; another process was "
+                "probably busy on the CPUs, and this timing is kept for later runs: %s",
+                name, candidate.threads, speeds[candidate.label], speeds[one.label], where,
+            )
 
 
 def too_small_to_measure_groups(result: TuneResult, batch_size: int) -> bool:
@@ -653,7 +649,10 @@ def tune(
         reason = "planned work too small to repay measuring group sizes"
         group = fixed_choice(model_name, device, batch, 1, precision, shared_batches, reason)
     else:
-        group = choose_group_size(model_name, spec, batch, n_jobs, device, shared=shared_batches, precision=precision)
+        group = choose_group_size(
+            model_name, spec, batch, n_jobs, device, shared=shared_batches, precision=precision,
+            cache=cache,
+        )
         fused = group.images_per_s.get(group.group_size, 0.0)
         # The rival is what would train otherwise: the lanes where they won, else one network.
         in_lanes = lanes > 1 and lanes_speed is not None

@@ -8,7 +8,9 @@ batch size, precision) to an entry:
 - ``failed``: the error per candidate whose compilation or step raised;
 - ``timed_s``: the seconds each speed was timed for;
 - ``lanes``: per layout, lanes sessions (``lanes``: images/s of the lanes,
-  ``one network``: images/s per one-network label, ``timed_s``).
+  ``one network``: images/s per one-network label, ``timed_s``);
+- ``groups``: per batch mode (``shared`` or ``independent``), fused training
+  images/s per group size.
 
 The file is shared by all runs of a user, and it may be edited or truncated by
 hand, so ``clean_entry`` keeps only well-typed, finite values. What it drops is
@@ -18,15 +20,20 @@ timed again.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import platform
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pooch
+import torch
+from torch import nn
 
 try:
     import fcntl
@@ -38,6 +45,38 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "ENGINE_AUTOTUNE_CACHE"
 # Mode of a newly created cache file (mkstemp would leave 0600).
 NEW_FILE_MODE = 0o644
+# Seconds per candidate that speeds cached before timings were recorded were timed for.
+LEGACY_TIMED_S = 0.3
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    """Return a name of the device's hardware: the GPU name, or the CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return f"{cpu} x{os.cpu_count()}"
+
+
+def architecture_name(model: nn.Module) -> str:
+    """Return the model's class and a hash of its parameter shapes: equal for equal architectures."""
+    shapes = ";".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+    return f"{type(model).__name__}-{hashlib.sha1(shapes.encode()).hexdigest()[:10]}"
+
+
+def cache_key(
+    architecture: str, input_shape: Sequence[int], batch_size: int, precision: str, device: torch.device
+) -> str:
+    """Return the key of one measurement: hardware, threads, PyTorch, architecture, input, batch, precision."""
+    threads = f"threads={torch.get_num_threads()}" if device.type == "cpu" else device.type
+    shape = "x".join(str(d) for d in input_shape)
+    return f"{device_name(device)}|{threads}|torch={torch.__version__}|{architecture}|{shape}|b{batch_size}|{precision}"
 
 
 def cache_path() -> Path:
@@ -114,7 +153,7 @@ def seconds(value: Any) -> float:
     return 0.0
 
 
-def clean_entry(raw: Any, untimed_s: float) -> dict[str, Any]:
+def clean_entry(raw: Any, untimed_s: float = LEGACY_TIMED_S) -> dict[str, Any]:
     """Return a cache entry with only well-typed values. What it drops is timed again.
 
     Speeds must be finite and positive, compile seconds finite and non-negative,
@@ -141,9 +180,20 @@ def clean_entry(raw: Any, untimed_s: float) -> dict[str, Any]:
             entry["lanes"][str(layout)] = {
                 str(name): session for name, session in sessions.items() if _usable_session(session)
             }
+    groups = raw.get("groups")
+    entry["groups"] = {
+        str(mode): {str(g): float(v) for g, v in speeds.items() if _group_size(g) and _number(v) and v > 0}
+        for mode, speeds in (groups.items() if isinstance(groups, dict) else ())
+        if isinstance(speeds, dict)
+    }
     if isinstance(raw.get("updated"), str):
         entry["updated"] = raw["updated"]
     return entry
+
+
+def _group_size(text: Any) -> bool:
+    """Return whether a cached group size (a map key) is a positive whole number."""
+    return isinstance(text, str) and text.isdigit() and int(text) >= 1
 
 
 def session_timed_s(session: dict[str, Any], untimed_s: float) -> float:
