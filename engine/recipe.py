@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -32,6 +33,7 @@ from engine.experiments.plan import Plan, build_plan
 from engine.experiments.recipes import list_recipes, load_recipe
 from engine.experiments.runner import RunReport, run_plan
 from engine.fused.trainer import FusedOptions
+from engine.models.registry import list_models
 from engine.results.report import describe_threads, describe_trainers, write_report
 from engine.results.store import RunStore, atomic_write_text
 from engine.scheduling import (
@@ -154,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget, deadline = None, None
     try:
         recipe = _narrow_recipe(args)
+        _warn_unstudied_models(recipe)
         validate_scale_out(args)
         execution = ExecutionOptions.from_args(args)
         overrides = {
@@ -272,6 +275,21 @@ def _check_cache_dir(cache_dir: str | None) -> None:
         ) from None
 
 
+def _warn_unstudied_models(recipe) -> None:
+    """Warn about each network of the recipe that the study did not train (a width typo, say)."""
+    studied = set(list_models())
+    for name in dict.fromkeys(recipe.n1 + recipe.n2):
+        if name not in studied:
+            family = name.rstrip("0123456789")
+            members = ", ".join(
+                sorted((m for m in studied if m.rstrip("0123456789") == family), key=lambda m: (len(m), m))
+            )
+            log.warning(
+                "%s is not among the study's networks%s; it trains, but its cells have no published value",
+                name, f" ({members})" if members else "",
+            )
+
+
 def _warn_if_protocol_changed(out: Path, train: TrainConfig, subset: int | None) -> None:
     """Warn when ``out`` contains networks of another subset or protocol, which this run's report omits."""
     previous_file = out / "run.json"
@@ -279,17 +297,28 @@ def _warn_if_protocol_changed(out: Path, train: TrainConfig, subset: int | None)
         return
     try:
         previous = json.loads(previous_file.read_text())
-        changed = previous["subset"] != subset or TrainConfig.from_dict(previous["train"]) != train
+        differences = protocol_differences(previous["subset"], TrainConfig.from_dict(previous["train"]), subset, train)
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if changed:
+    if differences:
         stored = sum(1 for _ in (out / "networks").glob("*.json")) if (out / "networks").is_dir() else 0
         log.warning(
-            "%s contains %d networks of another protocol (subset %s, epoch cap %s); this run uses subset %s, "
-            "epoch cap %d, so they stay on disk but this run's report does not show them; give another --out "
-            "to keep both reports",
-            out, stored, previous.get("subset"), previous.get("train", {}).get("max_epochs"), subset, train.max_epochs,
+            "%s contains %d networks of another protocol (%s), so they stay on disk but this run's report does not "
+            "show them; give another --out to keep both reports",
+            out, stored, ", ".join(differences),
         )
+
+
+def protocol_differences(
+    old_subset: int | None, old: TrainConfig, subset: int | None, train: TrainConfig
+) -> list[str]:
+    """Return each setting that differs between two protocols, as ``"name old -> new"``."""
+    differences = [f"subset {old_subset} -> {subset}"] if old_subset != subset else []
+    for setting in dataclasses.fields(TrainConfig):
+        before, after = getattr(old, setting.name), getattr(train, setting.name)
+        if before != after:
+            differences.append(f"{setting.name} {before} -> {after}")
+    return differences
 
 
 def _check_lanes(args: argparse.Namespace, execution: ExecutionOptions) -> None:

@@ -178,5 +178,17 @@ def test_other_protocol_in_folder_warned(data_dir, tmp_path, caplog):
     assert run_cli(["--no-autotune"], data_dir, out) == 0
     caplog.set_level(logging.WARNING)
     assert run_cli(["--no-autotune", "--max-epochs", "2"], data_dir, out) == 0
-    assert "contains 4 networks of another protocol (subset 100, epoch cap 3)" in caplog.text
+    assert "contains 4 networks of another protocol (max_epochs 3 -> 2)" in caplog.text
     assert len(records(out)) == 8
+    caplog.clear()
+    assert run_cli(["--no-autotune", "--max-epochs", "2", "--amp", "bf16"], data_dir, out) == 0
+    assert "another protocol (precision fp32 -> bf16)" in caplog.text
+
+
+def test_width_outside_study_warned(data_dir, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    args = ["table1", "--n1", "shallow_cnn_w17", "--seeds", "1", "--subset", "100", "--max-epochs", "1",
+            "--regimes", "true_data", "--no-autotune", "--quiet", "--data-dir", str(data_dir), "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert "shallow_cnn_w17 is not among the study's networks (shallow_cnn_w16, shallow_cnn_w32," in caplog.text
+    assert len(records(tmp_path)) == 2, "an unstudied width still trains"

@@ -83,7 +83,7 @@ def test_table_header_states_protocol(table1_run):
     table = (table1_run / "table.md").read_text()
     assert "|D1| = |D2| = |D3| = 200" in table
     assert "epoch cap 150 (the study uses 500)" in table
-    assert "1 seed (0-0); the study uses 5" in table
+    assert "1 seed (0); the study uses 5" in table
     assert "device cpu, precision fp32" in table
     assert "| shallow_cnn_w16 |" in table
     assert "[58.81 ± 0.40]" in table

@@ -50,7 +50,7 @@ def protocol_lines(plan: Plan, execution: dict[str, Any]) -> list[str]:
             f"|D1| = |D2| = |D3| = {plan.subset:,} (seeded class-balanced subsets; the study uses "
             f"{full[0]:,} / {full[1]:,} / {full[2]:,})"
         )
-    seeds = f"{recipe.seeds} seed{'s' if recipe.seeds > 1 else ''} (0-{recipe.seeds - 1})"
+    seeds = f"{recipe.seeds} seeds (0-{recipe.seeds - 1})" if recipe.seeds > 1 else "1 seed (0)"
     if recipe.seeds != 5:
         seeds += "; the study uses 5"
     cap = f"epoch cap {train.max_epochs}" + ("" if train.max_epochs == 500 else " (the study uses 500)")
