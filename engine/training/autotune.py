@@ -744,6 +744,7 @@ def choose_lanes(
     # The lanes and each one-network candidate are timed for this long each.
     budget_s = timing_budget(planned_s, 1 + len(singles), MIN_LANES_BUDGET_S, LANES_BUDGET_S)
     cached = measured.get(session)
+    timed_now = False
     if (
         cached is None
         or any(c.label not in cached["one network"] for c in singles)
@@ -756,6 +757,7 @@ def choose_lanes(
         result.measure_time_s += time.perf_counter() - started
         measured[session] = {"lanes": together, "one network": alone, "timed_s": round(budget_s, 4)}
         result.source = "measured"
+        timed_now = True
         if path is not None:
             current = clean_entry(load_cache(path).get(result.key), BUDGET_S)
             save_entry(path, result.key, {**current, "lanes": {**current["lanes"], layout: measured}})
@@ -769,7 +771,9 @@ def choose_lanes(
     elif together > LANES_MARGIN * single:
         result.options = dataclasses.replace(chosen, lanes=lanes, threads=1)
         result.lanes_reason = f"measured: {together:.0f} images/s against {single:.0f} for one network"
-        log.info(
+        # Logged once per timing: a plan with several bucket sizes reads the same timing again.
+        log.log(
+            logging.INFO if timed_now else logging.DEBUG,
             "autotune %s: %d networks at once, one thread each: %.0f images/s against %.0f one at a time",
             label, lanes, together, single,
         )
