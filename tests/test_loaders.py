@@ -184,5 +184,17 @@ def test_ffcv_matches_tensor_loader(training_set, tmp_path):
     assert betons[0].stat().st_mtime_ns == written
 
 
+@needs_ffcv
+def test_ffcv_writes_without_progress_bar(training_set, tmp_path, capfd):
+    from engine.data.ffcv_loader import import_ffcv, write_beton
+
+    import_ffcv()
+    capfd.readouterr()
+    write_beton(training_set[0].numpy(), tmp_path)
+    written = capfd.readouterr()
+    assert "it/s" not in written.err, f"FFCV drew a progress bar: {written.err[-200:]!r}"
+    assert "%|" not in written.err
+
+
 def test_loader_names():
     assert LOADER_NAMES == ("tensor", "ffcv", "dali")

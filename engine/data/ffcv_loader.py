@@ -11,6 +11,7 @@ batch out of them before yielding it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -61,6 +62,7 @@ def import_ffcv() -> dict[str, Any]:
             from ffcv.writer import DatasetWriter
     except ImportError as exc:
         raise UsageError(f"{INSTALL_HINT} (import failed: {exc})") from exc
+    _silence_writer_progress()
     return {
         "IntField": IntField,
         "NDArrayField": NDArrayField,
@@ -71,6 +73,19 @@ def import_ffcv() -> dict[str, Any]:
         "ToTensor": ToTensor,
         "DatasetWriter": DatasetWriter,
     }
+
+
+def _silence_writer_progress() -> None:
+    """Turn off the progress bar that FFCV's writer draws on stderr.
+
+    ``--quiet`` cannot reach that bar, and a .beton file takes seconds to write;
+    ``write_beton`` logs the write instead.
+    """
+    import ffcv.writer
+
+    bar = getattr(ffcv.writer, "tqdm", None)
+    if isinstance(bar, type):
+        ffcv.writer.tqdm = functools.partial(bar, disable=True)
 
 
 def default_cache_dir() -> Path:
