@@ -78,8 +78,8 @@ def import_ffcv() -> dict[str, Any]:
 def _silence_writer_progress() -> None:
     """Turn off the progress bar that FFCV's writer draws on stderr.
 
-    ``--quiet`` cannot reach that bar, and a .beton file takes seconds to write;
-    ``write_beton`` logs the write instead.
+    ``--quiet`` cannot reach that bar, and a .beton file takes only seconds to
+    write. ``write_beton`` logs the write instead.
     """
     import ffcv.writer
 
