@@ -232,9 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     except KeyboardInterrupt as exc:
         saved = sum(store.has(job.key) for job in plan.jobs)
-        stopped_by = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        terminated = isinstance(exc, Terminated)
+        stopped_by = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"\n{stopped_by}: {saved} networks are saved in {out}; run the same command to resume", file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+        return 128 + signal.SIGTERM if terminated else 130
     except WorkerLostError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -249,44 +249,7 @@ def test_autotune_times_again_for_larger_plans(tmp_path):
     assert autotune.tune_module(planned_steps=10, **args).source == "cache"
 
 
-def test_autotune_trusts_cache_without_timing_record(tmp_path):
-    # Entries written before timings were recorded were timed for the full budget.
-    model = create_model("shallow_cnn_w8")
-    key = autotune.cache_key("shallow_cnn_w8", (3, 32, 32), 64, "fp32", torch.device("cpu"))
-    labels = [autotune.Candidate(layout, "off", n).label
-              for layout in (False, True) for n in autotune.thread_counts(torch.device("cpu"))]
-    autotune.save_entry(tmp_path / "a.json", key, {"images_per_s": dict.fromkeys(labels, 1000.0), "failed": {}})
-    result = autotune.tune_module(
-        model, (3, 32, 32), 64, "fp32", "cpu", ExecutionOptions(compile="off"), planned_steps=10**6,
-        name="shallow_cnn_w8", cache=tmp_path / "a.json",
-    )
-    assert result.source == "cache"
-
-
-@pytest.mark.parametrize("timed_s", ["garbage", {"any": "garbage"}, {"any": -1.0}, [0.3]])
-def test_autotune_times_again_after_malformed_record(tmp_path, timed_s):
-    model = create_model("shallow_cnn_w8")
-    key = autotune.cache_key("shallow_cnn_w8", (3, 32, 32), 64, "fp32", torch.device("cpu"))
-    labels = [autotune.Candidate(layout, "off", n).label
-              for layout in (False, True) for n in autotune.thread_counts(torch.device("cpu"))]
-    if isinstance(timed_s, dict):
-        timed_s = {label: next(iter(timed_s.values())) for label in labels}
-    path = tmp_path / "a.json"
-    autotune.save_entry(path, key, {"images_per_s": dict.fromkeys(labels, 1000.0), "failed": {}, "timed_s": timed_s})
-    result = autotune.tune_module(
-        model, (3, 32, 32), 64, "fp32", "cpu", ExecutionOptions(compile="off"), planned_steps=10,
-        name="shallow_cnn_w8", cache=path,
-    )
-    assert result.source == "measured"
-    assert set(json.loads(path.read_text())[key]["timed_s"].values()) == {autotune.MIN_BUDGET_S}
-
-
-def _cached_speeds(path, speeds):
-    """Write a cache entry for shallow_cnn_w8 with the given speeds, timed for the full budget."""
-    key = autotune.cache_key("shallow_cnn_w8", (3, 32, 32), 64, "fp32", torch.device("cpu"))
-    autotune.save_entry(path, key, {
-        "images_per_s": speeds, "failed": {}, "timed_s": dict.fromkeys(speeds, autotune.BUDGET_S),
-    })
+W8_KEY = autotune.cache_key("shallow_cnn_w8", (3, 32, 32), 64, "fp32", torch.device("cpu"))
 
 
 def _eager_labels():
@@ -294,13 +257,41 @@ def _eager_labels():
             for layout in (False, True) for n in autotune.thread_counts(torch.device("cpu"))]
 
 
+def _tune_w8(path, planned_steps):
+    """Tune shallow_cnn_w8 eager at batch 64 against the cache file ``path``."""
+    return autotune.tune_module(
+        create_model("shallow_cnn_w8"), (3, 32, 32), 64, "fp32", "cpu", ExecutionOptions(compile="off"),
+        planned_steps=planned_steps, name="shallow_cnn_w8", cache=path,
+    )
+
+
+def test_autotune_trusts_cache_without_timing_record(tmp_path):
+    # Entries written before timings were recorded were timed for the full budget.
+    autotune.save_entry(tmp_path / "a.json", W8_KEY, {"images_per_s": dict.fromkeys(_eager_labels(), 1000.0)})
+    assert _tune_w8(tmp_path / "a.json", planned_steps=10**6).source == "cache"
+
+
+@pytest.mark.parametrize("timed_s", ["garbage", {"any": "garbage"}, {"any": -1.0}, [0.3]])
+def test_autotune_times_again_after_malformed_record(tmp_path, timed_s):
+    labels = _eager_labels()
+    if isinstance(timed_s, dict):
+        timed_s = {label: next(iter(timed_s.values())) for label in labels}
+    path = tmp_path / "a.json"
+    autotune.save_entry(path, W8_KEY, {"images_per_s": dict.fromkeys(labels, 1000.0), "timed_s": timed_s})
+    result = _tune_w8(path, planned_steps=10)
+    assert result.source == "measured"
+    assert set(json.loads(path.read_text())[W8_KEY]["timed_s"].values()) == {autotune.MIN_BUDGET_S}
+
+
+def _cached_speeds(path, speeds):
+    """Write a cache entry for shallow_cnn_w8 with the given speeds, timed for the full budget."""
+    autotune.save_entry(path, W8_KEY, {"images_per_s": speeds, "timed_s": dict.fromkeys(speeds, autotune.BUDGET_S)})
+
+
 def test_autotune_times_again_after_nan_speed(tmp_path):
     labels = _eager_labels()
     _cached_speeds(tmp_path / "a.json", {**dict.fromkeys(labels, 1000.0), labels[0]: float("nan")})
-    result = autotune.tune_module(
-        create_model("shallow_cnn_w8"), (3, 32, 32), 64, "fp32", "cpu", ExecutionOptions(compile="off"),
-        planned_steps=10, name="shallow_cnn_w8", cache=tmp_path / "a.json",
-    )
+    result = _tune_w8(tmp_path / "a.json", planned_steps=10)
     assert result.source == "measured"
     assert all(speed > 0 for speed in result.images_per_s.values())
 
@@ -310,20 +301,19 @@ def test_autotune_unknown_work_takes_fastest(tmp_path, planned_steps):
     labels = _eager_labels()
     speeds = {label: 1000.0 + 10 * i for i, label in enumerate(labels)}
     _cached_speeds(tmp_path / "a.json", speeds)
-    result = autotune.tune_module(
-        create_model("shallow_cnn_w8"), (3, 32, 32), 64, "fp32", "cpu", ExecutionOptions(compile="off"),
-        planned_steps=planned_steps, name="shallow_cnn_w8", cache=tmp_path / "a.json",
-    )
+    result = _tune_w8(tmp_path / "a.json", planned_steps)
     assert result.source == "cache"
     assert result.chosen.label == labels[-1]
 
 
 def test_timing_under_load_warned(tmp_path, caplog):
-    one, two = autotune.Candidate(True, "off", 1), autotune.Candidate(True, "off", 2)
+    one_thread, two_threads = autotune.Candidate(True, "off", 1), autotune.Candidate(True, "off", 2)
     with caplog.at_level(logging.WARNING, logger="engine.training.autotune"):
-        autotune._warn_if_timed_under_load({one.label: 18000.0, two.label: 25000.0}, [one, two], "w16", tmp_path)
+        fast = {one_thread.label: 18000.0, two_threads.label: 25000.0}
+        autotune._warn_if_timed_under_load(fast, [one_thread, two_threads], "w16", tmp_path)
         assert not caplog.records, "2 threads faster than 1 is no sign of load"
-        autotune._warn_if_timed_under_load({one.label: 18000.0, two.label: 500.0}, [one, two], "w16", tmp_path)
+        stalled = {one_thread.label: 18000.0, two_threads.label: 500.0}
+        autotune._warn_if_timed_under_load(stalled, [one_thread, two_threads], "w16", tmp_path)
     assert "2 threads timed 500 images/s against 18000 for 1 thread" in caplog.text
     assert f"delete {tmp_path} to time again" in caplog.text
 

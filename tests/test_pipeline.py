@@ -161,7 +161,7 @@ def test_kill_midway_then_resume(data_dir, tmp_path):
 
 
 def test_sigterm_midway_then_resume(data_dir, tmp_path):
-    """SIGTERM the real command after its first network is saved: it says how to resume, and the rerun does."""
+    """SIGTERM the real command after its first network is saved. It prints how to resume, and the rerun resumes."""
     args = [sys.executable, "-m", "engine.recipe", "table1", "--n1", "shallow_cnn_w16", "--seeds", "1",
             "--subset", "200", "--max-epochs", "40", "--regimes", "true_data,random_labels", "--quiet",
             "--data-dir", str(data_dir), "--out", str(tmp_path)]

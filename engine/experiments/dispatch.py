@@ -64,8 +64,8 @@ def run_jobs(
             size together, and the lanes: buckets that train one network at a time
             in several lanes train together, in threads, after the other buckets.
             A loader other than ``tensor`` is never fused, because fused groups
-            gather their batches from the tensors; lanes may still train several
-            such networks at once. A layout given in ``execution`` holds for fused
+            gather their batches from the tensors. Lanes may still train several
+            such networks at once. A layout given in ``execution`` applies to fused
             groups too.
         on_tune: called with each bucket's autotune result.
         stop: called after every epoch of every training. When it returns True,

@@ -29,7 +29,7 @@ from engine.fused.sgd import FusedSGD, fused_train_step
 from engine.models import create_model
 from engine.models.registry import InputSpec
 from engine.training.trainer import autocast_context
-from engine.training.tune_cache import architecture_name, cache_key, cache_path, clean_entry, load_cache, save_entry
+from engine.training.tune_cache import architecture_name, cache_file, cache_key, read_entry, save_entry
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +352,8 @@ def choose_group_size(
     far. A fused size is chosen only if it beats G=1 by 5%. A wide network on a CPU
     takes seconds per step, so there measuring alone can take several seconds. Throughputs are cached in
     this process per (device, model, input, batch size, shared, precision), so later
-    calls measure only candidates not yet measured, and with ``cache`` so do later
-    runs. The choice and its throughputs are logged at INFO.
+    calls measure only candidates not yet measured. With ``cache`` they are kept in
+    the cache file too, for later runs. The choice and its throughputs are logged at INFO.
     """
     device = torch.device(device)
     if n_jobs < 1:
@@ -366,30 +366,30 @@ def choose_group_size(
     started = time.perf_counter()
     cap = max_group_size(model_name, spec, batch_size, device)
     tried = _candidates_for(n_jobs, candidates, cap)
-    known = _THROUGHPUT_CACHE.setdefault((str(device), model_name, spec, batch_size, shared, precision), {})
+    # Images/s per group size: this process's timings, then the cache file's.
+    throughputs = _THROUGHPUT_CACHE.setdefault((str(device), model_name, spec, batch_size, shared, precision), {})
     stored = _StoredThroughputs(cache, model_name, spec, batch_size, device, shared, precision)
     for g, speed in stored.read().items():
-        known.setdefault(g, speed)
-    cache = known
-    before = dict(cache)
+        throughputs.setdefault(g, speed)
+    before = dict(throughputs)
     best = 0.0
     for rank, group_size in enumerate(tried):
-        if group_size not in cache:
-            if _gave_up(cache, group_size, best):
+        if group_size not in throughputs:
+            if _gave_up(throughputs, group_size, best):
                 break
             # A measurement costs about the budget plus a warm-up step. A step of G
             # members takes about G * batch / (best images/s so far) seconds.
             expected_s = budget_s + group_size * batch_size / best if best else budget_s
             if rank >= 2 and time.perf_counter() - started + expected_s > total_budget_s:
                 break
-            cache[group_size] = measure_throughput(
+            throughputs[group_size] = measure_throughput(
                 model_name, spec, batch_size, group_size, device,
                 shared=shared, precision=precision, budget_s=budget_s,
             )
-        best = max(best, cache[group_size])
-    measured = {g: cache[g] for g in tried if g in cache}
-    if cache != before:
-        stored.write(cache)
+        best = max(best, throughputs[group_size])
+    measured = {g: throughputs[g] for g in tried if g in throughputs}
+    if throughputs != before:
+        stored.write(throughputs)
 
     fused = {g: v for g, v in measured.items() if g > 1}
     group_size = 1
@@ -417,10 +417,7 @@ class _StoredThroughputs:
         self, cache: Path | str | None | bool, model_name: str, spec: InputSpec, batch_size: int,
         device: torch.device, shared: bool, precision: str,
     ) -> None:
-        if cache is False:
-            self.path = None
-        else:
-            self.path = cache_path() if cache is None or cache is True else Path(cache)
+        self.path = cache_file(cache)
         self.mode = "shared" if shared else "independent"
         self.key = ""
         if self.path is not None:
@@ -430,16 +427,14 @@ class _StoredThroughputs:
 
     def read(self) -> dict[int, float]:
         """Return the stored images/s per group size (none without a file)."""
-        if self.path is None:
-            return {}
-        entry = clean_entry(load_cache(self.path).get(self.key))
-        return {int(g): v for g, v in entry.get("groups", {}).get(self.mode, {}).items()}
+        groups = read_entry(self.path, self.key).get("groups", {})
+        return {int(g): v for g, v in groups.get(self.mode, {}).items()}
 
     def write(self, throughputs: dict[int, float]) -> None:
         """Add ``throughputs`` to the stored ones, keeping the rest of the entry."""
         if self.path is None:
             return
-        entry = clean_entry(load_cache(self.path).get(self.key))
+        entry = read_entry(self.path, self.key)
         groups = entry.get("groups", {})
         merged = {**groups.get(self.mode, {}), **{str(g): v for g, v in throughputs.items()}}
         save_entry(self.path, self.key, {**entry, "groups": {**groups, self.mode: merged}})

@@ -59,11 +59,11 @@ from engine.training.trainer import autocast_context, compile_model, train_step
 from engine.training.tune_cache import (  # noqa: F401 - the key and the file are part of this module's API
     CACHE_ENV,
     architecture_name,
+    cache_file,
     cache_key,
     cache_path,
-    clean_entry,
     device_name,
-    load_cache,
+    read_entry,
     save_entry,
     session_timed_s,
 )
@@ -414,14 +414,8 @@ def tune_module(
     device = torch.device(device)
     started = time.perf_counter()
     key = cache_key(name or architecture_name(model), input_shape, batch_size, precision, device)
-    if cache is False:
-        path = None
-    elif cache is None:
-        path = cache_path()
-    else:
-        path = Path(cache)
-    # A speed cached before timings were recorded was timed for the full BUDGET_S.
-    entry = clean_entry(load_cache(path).get(key) if path is not None else None, BUDGET_S)
+    path = cache_file(cache)
+    entry = read_entry(path, key)
     speeds: dict[str, float] = dict(entry.get("images_per_s", {}))
     compile_s: dict[str, float] = dict(entry.get("compile_s", {}))
     failed: dict[str, str] = dict(entry.get("failed", {}))
@@ -549,15 +543,15 @@ def _warn_if_timed_under_load(
     the cache after the load is gone.
     """
     for candidate in candidates:
-        one = dataclasses.replace(candidate, threads=1)
-        if candidate.threads < 2 or candidate.label not in speeds or one.label not in speeds:
+        one_thread = dataclasses.replace(candidate, threads=1)
+        if candidate.threads < 2 or candidate.label not in speeds or one_thread.label not in speeds:
             continue
-        if speeds[candidate.label] < LOAD_SUSPECT_RATIO * speeds[one.label]:
+        if speeds[candidate.label] < LOAD_SUSPECT_RATIO * speeds[one_thread.label]:
             where = f"delete {path} to time again" if path is not None else "time again on an idle machine"
             log.warning(
                 "autotune %s: %d threads timed %.0f images/s against %.0f for 1 thread; another process was "
                 "probably busy on the CPUs, and this timing is kept for later runs: %s",
-                name, candidate.threads, speeds[candidate.label], speeds[one.label], where,
+                name, candidate.threads, speeds[candidate.label], speeds[one_thread.label], where,
             )
 
 
@@ -725,14 +719,9 @@ def choose_lanes(
         result.options = dataclasses.replace(chosen, lanes=options.lanes or 1)
         result.lanes_reason = reason
         return
-    path = None
-    if not result.key or cache is False:
-        path = None  # options fixed by the user have no cache entry
-    elif cache is None:
-        path = cache_path()
-    else:
-        path = Path(cache)
-    entry = clean_entry(load_cache(path).get(result.key) if path is not None else None, BUDGET_S)
+    # Options fixed by the user have no cache entry.
+    path = cache_file(cache) if result.key else None
+    entry = read_entry(path, result.key)
     layout = "channels_last" if chosen.channels_last else "nchw"
     measured = dict(entry.get("lanes", {}).get(layout, {}))
     # One network is timed again beside the lanes, in alternating windows, so the
@@ -759,8 +748,8 @@ def choose_lanes(
         result.source = "measured"
         timed_now = True
         if path is not None:
-            current = clean_entry(load_cache(path).get(result.key), BUDGET_S)
-            save_entry(path, result.key, {**current, "lanes": {**current["lanes"], layout: measured}})
+            current = read_entry(path, result.key)
+            save_entry(path, result.key, {**current, "lanes": {**current.get("lanes", {}), layout: measured}})
     together, alone = measured[session]["lanes"], measured[session]["one network"]
     best = max(singles, key=lambda c: alone[c.label])
     single = alone[best.label]

@@ -86,6 +86,20 @@ def cache_path() -> Path:
     return Path(pooch.os_cache("learnability-engine")) / "autotune.json"
 
 
+def cache_file(cache: Path | str | None | bool) -> Path | None:
+    """Return the file a ``cache`` argument names: None or True the default file, False none, else the path."""
+    if cache is False:
+        return None
+    if cache is None or cache is True:
+        return cache_path()
+    return Path(cache)
+
+
+def read_entry(path: Path | None, key: str) -> dict[str, Any]:
+    """Return the cleaned entry under ``key`` of the cache file (see ``clean_entry``), empty without a file."""
+    return clean_entry(load_cache(path).get(key)) if path is not None else {}
+
+
 def load_cache(path: Path) -> dict[str, Any]:
     """Return the cache file's entries; a missing or unreadable file gives none (logged)."""
     try:
