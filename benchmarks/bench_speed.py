@@ -7,7 +7,8 @@ Not part of the test suite; run it explicitly::
 Three groups of cases, each printing a table at the end of its module:
 
 - ``loader``: images/s of one epoch over 25,000 random CIFAR-sized uint8 images, per
-  backend (tensor, FFCV, DALI; the last two skip when their extra is missing).
+  backend (tensor, FFCV, DALI; the last two skip when their extra is missing), and
+  the time of one channels_last batch gathered from NCHW rows and from NHWC rows.
 - ``step``: training images/s of a shallow CNN step at batch 64 for every
   combination of precision (fp32, bf16), layout (NCHW, channels_last),
   compilation (off, default) and CPU threads (1, the process's count). The ratio
@@ -42,7 +43,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.data.loaders import make_loader
+from engine.data.loaders import TensorLoader, make_loader, scale_pixels, to_layout
+from engine.data.splits import to_float
 from engine.models import create_model
 from engine.training import TrainConfig, autotune, predict, train_network
 from engine.training.autotune import Candidate, make_step, thread_count, time_candidates
@@ -148,6 +150,26 @@ def test_loader_epoch(benchmark, backend, loader_set, tmp_path):
         f"{backend:<7} {images_per_s:>10,.0f} images/s (fastest of 3 epochs)   setup {setup_s:5.1f} s"
     )
     loader.close()
+
+
+@pytest.mark.benchmark(group="loader")
+@pytest.mark.parametrize("rows", ["nchw", "nhwc"])
+def test_channels_last_batch(benchmark, rows, loader_set):
+    """One channels_last batch of 64 on one thread: converted from NCHW rows, or gathered from NHWC rows."""
+    images, labels = loader_set
+    index = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:BATCH]
+    loader = TensorLoader(images, labels, BATCH, DEVICE, channels_last=True)
+
+    def batch() -> torch.Tensor:
+        if rows == "nchw":
+            return to_layout(scale_pixels(images.index_select(0, index)), True)
+        return loader.batch(index)
+
+    with thread_count(1):
+        assert torch.equal(batch(), to_float(images[index]))
+        benchmark.pedantic(batch, rounds=200, iterations=1, warmup_rounds=10)
+    median_us = 1e6 * benchmark.stats.stats.median
+    _ROWS["loader"].append(f"channels_last batch of {BATCH} from {rows} rows: {median_us:7.1f} us (median of 200)")
 
 
 # ---------------------------------------------------------------- training steps
